@@ -1,0 +1,105 @@
+"""Which cross-attention layers get an image branch: the one place that maps layer names to blocks.
+
+A *layer* is a diffusers attention-processor name such as
+``up_blocks.0.attentions.1.transformer_blocks.3.attn2.processor``; its *block* is the
+attention module it lives in (``up_blocks.0.attentions.1``). Users name blocks, or any
+coarser prefix of them (``up_blocks.0``), or a preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+# SDXL presets, from the InstantStyle paper: up_blocks.0.attentions.1 carries style
+# (colour, material, atmosphere), down_blocks.2.attentions.1 spatial layout.
+SDXL_PRESETS: dict[str, list[str]] = {
+    "style": ["up_blocks.0.attentions.1"],
+    "layout": ["down_blocks.2.attentions.1"],
+    "style_layout": ["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"],
+}
+
+# SD 1.5 has no attention in up_blocks.0, so the paper's SDXL blocks are mapped by
+# position in the U: the first up block with attention (lowest resolution, 16x16 at
+# 512 px) is up_blocks.1, and the deepest down block with attention is down_blocks.2.
+# The middle attention of each is chosen as in SDXL. These are a starting point, not a
+# measured result: confirm them with `python -m instantstyle.probe_blocks`.
+SD15_PRESETS: dict[str, list[str]] = {
+    "style": ["up_blocks.1.attentions.1"],
+    "layout": ["down_blocks.2.attentions.1"],
+    "style_layout": ["up_blocks.1.attentions.1", "down_blocks.2.attentions.1"],
+}
+
+PRESET_NAMES = ("style", "layout", "style_layout", "all")
+
+
+class UnknownBlockError(ValueError):
+    """A block name that matches no cross-attention layer of the UNet."""
+
+
+def is_cross_attention(layer: str) -> bool:
+    """True for the processors of cross-attention (``attn2``) layers."""
+    return layer.endswith("attn2.processor")
+
+
+def block_of(layer: str) -> str:
+    """The attention block a processor name belongs to, e.g. ``mid_block.attentions.0``."""
+    parts = layer.split(".")
+    depth = 3 if parts[0] == "mid_block" else 4
+    if len(parts) <= depth or parts[depth - 2] != "attentions":
+        raise ValueError(f"not a UNet attention-processor name: {layer!r}")
+    return ".".join(parts[:depth])
+
+
+def cross_attention_layers(processor_names: Iterable[str]) -> list[str]:
+    """Cross-attention processor names in UNet order (the order export ids follow)."""
+    return [name for name in processor_names if is_cross_attention(name)]
+
+
+def block_names(layers: Iterable[str]) -> list[str]:
+    """Distinct blocks of the given layers, in order."""
+    return list(dict.fromkeys(block_of(layer) for layer in layers))
+
+
+def preset_blocks(preset: str, family: str) -> list[str] | None:
+    """Block list of a preset for a model family ('sdxl' or 'sd15'); None means all."""
+    if preset == "all":
+        return None
+    table = SD15_PRESETS if family == "sd15" else SDXL_PRESETS
+    if preset not in table:
+        raise UnknownBlockError(f"unknown block preset {preset!r}; valid: {', '.join(PRESET_NAMES)}")
+    return list(table[preset])
+
+
+def _matches(layer: str, prefix: str) -> bool:
+    return layer == prefix or layer.startswith(prefix + ".")
+
+
+def select_layers(layers: Sequence[str], blocks: Sequence[str] | None) -> list[str]:
+    """The cross-attention layers inside ``blocks`` (prefixes); ``None`` selects all.
+
+    Raises ``UnknownBlockError`` naming the valid blocks when a prefix matches nothing.
+    """
+    cross = cross_attention_layers(layers)
+    if blocks is None:
+        return cross
+    if not blocks:
+        raise UnknownBlockError("no target blocks given; use a preset (style, layout, style_layout, all)")
+    for prefix in blocks:
+        if not any(_matches(layer, prefix) for layer in cross):
+            valid = ", ".join(block_names(cross))
+            raise UnknownBlockError(f"unknown block {prefix!r} — valid: {valid}")
+    return [layer for layer in cross if any(_matches(layer, p) for p in blocks)]
+
+
+def resolve_blocks(spec: str | Sequence[str] | None, family: str = "sdxl") -> list[str] | None:
+    """Turn a preset name, a comma-separated string or a list of prefixes into a block list."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec in PRESET_NAMES:
+            return preset_blocks(spec, family)
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    spec = list(spec)
+    if len(spec) == 1 and spec[0] in PRESET_NAMES:
+        return preset_blocks(spec[0], family)
+    return spec

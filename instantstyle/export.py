@@ -1,0 +1,169 @@
+"""Export to, and import from, the IP-Adapter safetensors format that stock diffusers loads.
+
+Keys: ``image_proj.*`` and ``ip_adapter.{id}.to_k_ip.weight`` / ``.to_v_ip.weight`` for
+EVERY cross-attention layer, ``id`` = 1, 3, 5, ... in ``unet.attn_processors`` order
+(diffusers' ``load_ip_adapter`` needs all of them). Layers outside the trained blocks get
+``to_k_ip`` as initialised (a copy of ``to_k``) and an all-zero ``to_v_ip``: attention
+over zero values is zero, so they add nothing at any scale. Header metadata records
+what the adapter is, so loading needs no extra arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, install_adapter
+from .blocks import cross_attention_layers, select_layers
+from .projection import build_image_projection
+
+FORMAT = "instantstyle-ip-adapter"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that does not fit the base model or cannot be read."""
+
+
+def export_tensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The full IP-Adapter state dict: trained target layers, inert placeholders elsewhere."""
+    tensors = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
+    trained = dict(zip(adapter.layer_names, adapter.layers))
+    for i, name in enumerate(adapter.all_layer_names):
+        key = f"ip_adapter.{2 * i + 1}"
+        if name in trained:
+            to_k, to_v = trained[name].to_k_ip.weight, trained[name].to_v_ip.weight
+        else:
+            to_k = attention_module(unet, name).to_k.weight
+            to_v = torch.zeros_like(to_k)
+        tensors[f"{key}.to_k_ip.weight"], tensors[f"{key}.to_v_ip.weight"] = to_k, to_v
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+
+
+def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, base_model: str = "",
+                   image_encoder: str = "", step: int = 0) -> dict[str, str]:
+    """String metadata stored in the safetensors header."""
+    spec = adapter.spec
+    return {
+        "format": FORMAT,
+        "adapter_type": spec.adapter_type,
+        "target_blocks": json.dumps(list(spec.blocks) if spec.blocks is not None else "all"),
+        "num_tokens": str(spec.num_tokens),
+        "image_embed_dim": str(spec.image_embed_dim),
+        "resampler_dim": str(spec.resampler_dim),
+        "cross_attention_dim": str(unet.config.cross_attention_dim),
+        "num_cross_attention_layers": str(len(adapter.all_layer_names)),
+        "base_model": base_model or str(spec.extra.get("base_model", "")),
+        "image_encoder": image_encoder or str(spec.extra.get("image_encoder", "")),
+        "step": str(step),
+        "framework_version": __version__,
+    }
+
+
+def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, path: str | Path, *,
+                       dtype: str | torch.dtype = torch.float32, base_model: str = "",
+                       image_encoder: str = "", step: int = 0) -> Path:
+    """Write ``path`` atomically (temporary file, then rename) in the documented format."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(export_tensors(adapter, unet, dtype), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flat ``image_proj.*``/``ip_adapter.*`` tensors and header metadata ({} for .bin files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if path.suffix in (".bin", ".pt", ".pth"):
+        # Legacy IP-Adapter checkpoints: tensors only, never arbitrary objects.
+        nested = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(nested, dict) or "image_proj" not in nested or "ip_adapter" not in nested:
+            raise AdapterFileError(f"{path} is not an IP-Adapter checkpoint (no image_proj/ip_adapter)")
+        return {f"{group}.{k}": v for group in ("image_proj", "ip_adapter") for k, v in nested[group].items()}, {}
+    raise AdapterFileError(f"unsupported adapter file type {path.suffix!r}: use .safetensors or .bin")
+
+
+def spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                   cross_attention_dim: int) -> AdapterSpec:
+    """Recover the adapter spec from metadata, or from tensor shapes for public files."""
+    if "image_proj.latents" in tensors:
+        latents = tensors["image_proj.latents"]
+        adapter_type, num_tokens, resampler_dim = "ip_adapter_plus", latents.shape[1], latents.shape[2]
+        image_embed_dim = tensors["image_proj.proj_in.weight"].shape[1]
+    elif "image_proj.proj.weight" in tensors:
+        weight = tensors["image_proj.proj.weight"]
+        adapter_type, resampler_dim = "ip_adapter", 1280
+        num_tokens, image_embed_dim = weight.shape[0] // cross_attention_dim, weight.shape[1]
+    else:
+        raise AdapterFileError("unsupported image projection: expected image_proj.proj.* or image_proj.latents")
+    blocks = json.loads(metadata.get("target_blocks", '"all"'))
+    extra = {k: metadata[k] for k in ("base_model", "image_encoder", "step") if k in metadata}
+    return AdapterSpec(adapter_type, None if blocks == "all" else tuple(blocks), int(image_embed_dim),
+                       int(num_tokens), int(resampler_dim), extra)
+
+
+def expected_shapes(unet: UNet2DConditionModel, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """Shape of every key the file must hold for this base model and spec (targets only)."""
+    with torch.device("meta"):
+        proj = build_image_projection(spec.adapter_type, image_embed_dim=spec.image_embed_dim,
+                                      cross_attention_dim=unet.config.cross_attention_dim,
+                                      num_tokens=spec.num_tokens, resampler_dim=spec.resampler_dim)
+    shapes = {f"image_proj.{k}": tuple(v.shape) for k, v in proj.state_dict().items()}
+    names = list(unet.attn_processors.keys())
+    targets = set(select_layers(names, list(spec.blocks) if spec.blocks is not None else None))
+    for i, name in enumerate(cross_attention_layers(names)):
+        if name in targets:
+            shape = tuple(attention_module(unet, name).to_k.weight.shape)
+            for part in ("to_k_ip", "to_v_ip"):
+                shapes[f"ip_adapter.{2 * i + 1}.{part}.weight"] = shape
+    return shapes
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:
+    """One-line error naming the first key that is missing or has the wrong shape."""
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise AdapterFileError(f"{path.name} does not fit this base model: key {key} is missing")
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterFileError(f"{path.name} does not fit this base model: {key} has shape "
+                                   f"{tuple(tensors[key].shape)}, the base model needs {shape}")
+
+
+def load_adapter(path: str | Path, unet: UNet2DConditionModel,
+                 blocks: list[str] | None | str = "from_file") -> InstantStyleAdapter:
+    """Install an adapter on ``unet`` from our export or a public IP-Adapter file.
+
+    ``blocks`` overrides the target blocks (``None`` = all); by default they come from the
+    file's metadata, and public files (no metadata) are treated as trained on all layers.
+    """
+    path = Path(path)
+    tensors, metadata = read_adapter_file(path)
+    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
+    if blocks != "from_file":
+        spec = AdapterSpec(spec.adapter_type, tuple(blocks) if blocks is not None else None,
+                           spec.image_embed_dim, spec.num_tokens, spec.resampler_dim, spec.extra)
+    check_shapes(tensors, expected_shapes(unet, spec), path)
+    adapter = install_adapter(unet, spec)
+    state = {k.removeprefix("image_proj."): v for k, v in tensors.items() if k.startswith("image_proj.")}
+    adapter.image_proj.load_state_dict(state)
+    with torch.no_grad():
+        for proc, key_id in zip(adapter.layers, adapter.export_ids()):
+            proc.to_k_ip.weight.copy_(tensors[f"ip_adapter.{key_id}.to_k_ip.weight"])
+            proc.to_v_ip.weight.copy_(tensors[f"ip_adapter.{key_id}.to_v_ip.weight"])
+    return adapter
