@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny SDXL-shaped base built once per session, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """Path of a tiny SDXL-shaped diffusers folder (with image_encoder/), built once per session."""
+    from data_tools.make_tiny_model import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny_base") / "base", seed=0))
+
+
+@pytest.fixture()
+def tiny_base(tiny_model_dir):
+    """Freshly loaded frozen components of the tiny base (safe to mutate in a test)."""
+    from instantstyle.models import load_base
+
+    return load_base(tiny_model_dir)
