@@ -1,0 +1,314 @@
+"""Training data: WebDataset shards → SDXL + CLIP batches, resumable per sample.
+
+The training loop calls only `build_train_loader(cfg.data, ...)`; the loader
+is an infinite iterator over batches with `state_dict()`/`load_state_dict()`.
+Sample order is defined in `train.data_stream`; decoding in
+`train.data_decode`; pixels in `train.transforms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.data_decode import BadSample, RawSample, decode_caption, decode_meta, image_member, open_image
+from train.data_stream import StreamPlan, expand_shards, shard_sample_counts
+from train.transforms import CLIP_MEAN, CLIP_STD, prepare_image, to_clip_input, to_unit_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` config group, validated."""
+
+    shards: str | tuple[str, ...]
+    resolution: int = 1024
+    clip_image_size: int = 224
+    random_crop: bool = False
+    center_crop: bool = True
+    random_flip: bool = False
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    prefetch_factor: int = 2
+    drop_image_prob: float = 0.05
+    drop_text_prob: float = 0.05
+    drop_both_prob: float = 0.05
+    max_image_pixels: int = 178956970
+    epoch_samples: int | None = None
+    clip_mean: tuple[float, ...] = CLIP_MEAN
+    clip_std: tuple[float, ...] = CLIP_STD
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "DataConfig":
+        """Build from a DictConfig/dict; one-line errors for unknown keys and bad values."""
+        if isinstance(cfg, DataConfig):
+            return cfg
+        values = _to_dict(cfg)
+        values.pop("_target_", None)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown data key(s) {unknown} — valid: {', '.join(sorted(valid))}")
+        if "shards" not in values or not values["shards"]:
+            raise ValueError("data.shards is required, e.g. data.shards='DIR/*.tar'")
+        for key in ("shards", "clip_mean", "clip_std"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
+        checks = [
+            (self.resolution > 0 and self.clip_image_size > 0, "data.resolution and data.clip_image_size must be > 0"),
+            (self.random_crop or self.center_crop, "set data.center_crop=true or data.random_crop=true: batches need square crops"),
+            (0 <= min(self.drop_image_prob, self.drop_text_prob, self.drop_both_prob) and drops <= 1,
+             f"data.drop_*_prob must be ≥ 0 and sum to ≤ 1 (they sum to {drops})"),
+            (self.num_workers >= 0 and self.shuffle_buffer >= 0, "data.num_workers and data.shuffle_buffer must be ≥ 0"),
+            (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
+            (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def _to_dict(cfg: Any) -> dict:
+    if isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
+    """(drop_image, drop_text) for classifier-free guidance, IP-Adapter's exclusive bands."""
+    u = rng.random()
+    if u < cfg.drop_image_prob:
+        return True, False
+    if u < cfg.drop_image_prob + cfg.drop_text_prob:
+        return False, True
+    if u < cfg.drop_image_prob + cfg.drop_text_prob + cfg.drop_both_prob:
+        return True, True
+    return False, False
+
+
+def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """Raw members → one training example; BadSample when it must be skipped."""
+    if raw.error:
+        raise BadSample(raw.error)
+    data = image_member(raw.members)
+    caption = decode_caption(raw.members)
+    meta = decode_meta(raw.members)
+    prepared = prepare_image(open_image(data, cfg.max_image_pixels), cfg.resolution, cfg.clip_image_size,
+                             random_crop=cfg.random_crop, random_flip=cfg.random_flip, rng=rng)
+    drop_image, drop_text = draw_drops(rng, cfg)
+    return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
+            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels,
+            "original_size": _original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+
+
+def _original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
+    # Shards made with --max-side were downscaled; SDXL should see the true source size.
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return decoded
+
+
+def collate(examples: list[dict], cfg: DataConfig) -> dict:
+    """Stack examples into the batch format the training task consumes."""
+    size = cfg.resolution
+    return {
+        "pixel_values": to_unit_range(torch.from_numpy(np.stack([e["pixels"] for e in examples]))),
+        "clip_pixel_values": to_clip_input(torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
+                                           cfg.clip_mean, cfg.clip_std),
+        "captions": [e["caption"] for e in examples],
+        "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
+        "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
+        "crop_coords_top_left": torch.tensor([e["crop"] for e in examples], dtype=torch.long),
+        "target_size": torch.tensor([[size, size]] * len(examples), dtype=torch.long),
+        "keys": [e["key"] for e in examples],
+    }
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped samples by reason and logs them without flooding the log."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, error: BadSample, raw: RawSample) -> None:
+        self.counts[error.reason] += 1
+        n = self.counts[error.reason]
+        if n <= 3 or (n & (n - 1)) == 0:  # first few, then at powers of two
+            log.warning("skipping sample %s in %s (%s; %d so far for this reason)", raw.key, raw.shard, error, n)
+
+
+class ShardStreamDataset(IterableDataset):
+    """Yields collated batches from one stream per DataLoader worker, forever."""
+
+    def __init__(self, cfg: DataConfig, plan_args: dict, batch_size: int, seed: int, rank: int,
+                 start: dict[int, tuple[int, int]], first_stream: int) -> None:
+        self.cfg, self.plan_args, self.batch_size = cfg, plan_args, batch_size
+        self.seed, self.rank, self.start, self.first_stream = seed, rank, start, first_stream
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = max(1, self.cfg.num_workers)
+        # Rotate so the DataLoader's worker 0 serves the stream whose batch comes next after a resume.
+        stream = ((info.id if info else 0) + self.first_stream) % workers
+        if info is not None:
+            torch.set_num_threads(1)  # workers run in parallel already; BLAS threads would oversubscribe
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_image_pixels)
+        plan = StreamPlan(stream=self.rank * workers + stream, seed=self.seed, **self.plan_args)
+        skips, batch = SkipLog(), []
+        for epoch, offset, raw in self._positions(plan, *self.start.get(stream, (0, 0))):
+            rng = np.random.default_rng([self.seed, epoch, plan.stream, offset])
+            try:
+                batch.append(decode_sample(raw, self.cfg, rng))
+            except BadSample as error:
+                skips.add(error, raw)
+                continue
+            if len(batch) == self.batch_size:
+                out = collate(batch, self.cfg)
+                out["_stream"] = {"stream": stream, "epoch": epoch, "offset": offset + 1, "skipped": dict(skips.counts)}
+                yield out
+                batch = []
+
+    def _positions(self, plan: StreamPlan, epoch: int, offset: int) -> Iterator[tuple[int, int, RawSample]]:
+        """(epoch, offset, raw sample) from a start position, across epochs, forever."""
+        empty_epochs = 0
+        while True:
+            length, produced = [0], 0
+            for position, raw in plan.blocks(epoch, offset, length):
+                produced += 1
+                yield epoch, position, raw
+            empty_epochs = 0 if produced or length[0] else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise RuntimeError(f"rank {self.rank} stream {plan.stream} got no samples: "
+                                   "use more shards/samples than ranks × data.num_workers")
+            offset, epoch = max(0, offset - length[0]), epoch + 1
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class TrainLoader:
+    """Infinite, resumable iterator over batches for one rank."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], counts: list[int | None], *, batch_size: int,
+                 seed: int, rank: int, world_size: int) -> None:
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size ≥ 1 and 0 ≤ rank < world_size (got {batch_size}, {rank}, {world_size})")
+        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
+        self.workers = max(1, cfg.num_workers)
+        self.plan_args = {"urls": tuple(urls), "counts": tuple(counts), "num_streams": world_size * self.workers,
+                          "shuffle_buffer": cfg.shuffle_buffer}
+        self.samples_seen, self.epoch = 0, 0
+        self.streams: dict[int, tuple[int, int]] = {}
+        self._skipped_base: Counter = Counter()
+        self._skipped_live: dict[int, Counter] = {}
+
+    @property
+    def epoch_samples(self) -> int | None:
+        """Samples in one epoch over all ranks: config value, else the manifests' total."""
+        counts = self.plan_args["counts"]
+        if self.cfg.epoch_samples:
+            return self.cfg.epoch_samples
+        return sum(counts) if all(c is not None for c in counts) else None
+
+    def __iter__(self) -> Iterator[dict]:
+        self._fold_skips()
+        dataset = ShardStreamDataset(self.cfg, self.plan_args, self.batch_size, self.seed, self.rank,
+                                     dict(self.streams), (self.samples_seen // self.batch_size) % self.workers)
+        workers = self.cfg.num_workers
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        for batch in loader:
+            self._advance(batch.pop("_stream"), len(batch["keys"]))
+            yield batch
+
+    def _advance(self, info: dict, size: int) -> None:
+        self.streams[info["stream"]] = (info["epoch"], info["offset"])
+        self._skipped_live[info["stream"]] = Counter(info["skipped"])
+        self.samples_seen += size
+        self.epoch = info["epoch"]
+
+    def _fold_skips(self) -> None:
+        for counts in self._skipped_live.values():
+            self._skipped_base.update(counts)
+        self._skipped_live = {}
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped-sample counts by reason on this rank, over the whole run."""
+        total = Counter(self._skipped_base)
+        for counts in self._skipped_live.values():
+            total.update(counts)
+        return dict(sorted(total.items()))
+
+    def stats(self) -> dict[str, float]:
+        """Flat numbers for the logger: samples seen, epoch, skipped counts by reason."""
+        out: dict[str, float] = {"data/samples_seen": self.samples_seen, "data/epoch": self.epoch}
+        out.update({f"data/skipped/{reason.replace(' ', '_')}": n for reason, n in self.skipped().items()})
+        return out
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable resume state for this rank."""
+        return {"version": 1, "samples_seen": self.samples_seen, "epoch": self.epoch,
+                "batch_size": self.batch_size, "num_workers": self.workers, "world_size": self.world_size,
+                "seed": self.seed, "skipped": self.skipped(),
+                "streams": {str(k): list(v) for k, v in sorted(self.streams.items())}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue after the samples in `state`; exact per-stream positions when the layout matches."""
+        same = all(state.get(k) == v for k, v in (("batch_size", self.batch_size), ("num_workers", self.workers),
+                                                   ("world_size", self.world_size), ("seed", self.seed)))
+        self._skipped_base, self._skipped_live = Counter(state.get("skipped", {})), {}
+        self.epoch = int(state.get("epoch", 0))
+        if same and "streams" in state:
+            self.samples_seen = int(state["samples_seen"])
+            self.streams = {int(k): (int(v[0]), int(v[1])) for k, v in state["streams"].items()}
+        else:
+            log.warning("data layout changed since the checkpoint; resuming from its sample count instead")
+            self.skip_samples(int(state["samples_seen"]))
+
+    def skip_samples(self, samples_seen: int) -> None:
+        """Resume from a bare count: each worker stream skips the batches it had produced."""
+        batches = samples_seen // self.batch_size
+        if samples_seen % self.batch_size:
+            log.warning("samples_seen=%d is not a multiple of batch_size=%d; resuming at %d",
+                        samples_seen, self.batch_size, batches * self.batch_size)
+        self.samples_seen = batches * self.batch_size
+        # Batch b came from stream b % workers; a stream's offset may run past epoch 0 (carried over).
+        self.streams = {w: (0, ((batches - w + self.workers - 1) // self.workers) * self.batch_size)
+                        for w in range(self.workers) if batches > w}
+
+
+def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, world_size: int,
+                       samples_seen: int = 0) -> TrainLoader:
+    """Build this rank's infinite batch iterator; `samples_seen` resumes after that many of its samples."""
+    cfg = DataConfig.from_cfg(data_cfg)
+    urls = expand_shards(cfg.shards)
+    counts = shard_sample_counts(urls)
+    streams = world_size * max(1, cfg.num_workers)
+    if len(urls) < streams:
+        log.warning("%d shards for %d rank×worker streams: every stream reads every shard; "
+                    "make at least %d shards for efficient loading", len(urls), streams, streams)
+    loader = TrainLoader(cfg, urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    if samples_seen:
+        loader.skip_samples(samples_seen)
+    return loader
