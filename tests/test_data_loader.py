@@ -1,0 +1,256 @@
+"""Training loader: rank/worker split, determinism, exact resume, bad samples, no unpickling."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.shards import Manifest, Sample, ShardRecord, shard_name, tar_bytes, write_manifest, write_shard
+from train.data import DataConfig, build_train_loader, decode_sample
+from train.data_stream import StreamPlan, expand_shards
+from train.transforms import CLIP_MEAN, CLIP_STD
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
+    """A small random PNG (width, height)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def good_sample(index: int) -> Sample:
+    key = f"{index:06d}"
+    return Sample(key, {"png": png_bytes(index), "txt": f"caption {index}".encode(),
+                        "json": json.dumps({"key": key}).encode()})
+
+
+def make_dataset(root: Path, num_shards: int, per_shard: int) -> list[str]:
+    """Shards of good samples plus a manifest; returns every key."""
+    manifest, keys = Manifest(complete=True), []
+    for shard in range(num_shards):
+        samples = [good_sample(shard * per_shard + i) for i in range(per_shard)]
+        nbytes = write_shard(root / shard_name(shard), samples)
+        manifest.shards.append(ShardRecord(shard_name(shard), per_shard, nbytes))
+        keys += [s.key for s in samples]
+    write_manifest(root, manifest)
+    return keys
+
+
+def data_cfg(root: Path, **overrides) -> dict:
+    cfg = {"shards": str(root / "*.tar"), "resolution": 32, "clip_image_size": 16, "num_workers": 0,
+           "shuffle_buffer": 4, "drop_image_prob": 0.2, "drop_text_prob": 0.2, "drop_both_prob": 0.1}
+    return {**cfg, **overrides}
+
+
+def take(loader, batches: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), batches))
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+@pytest.mark.parametrize("num_shards,per_shard,batch", [(8, 5, 2), (2, 10, 1)])
+def test_ranks_and_workers_see_disjoint_complete_epoch(tmp_path, num_shards, per_shard, batch):
+    # (8, 5): whole shards per stream; (2, 10): fewer shards than streams, split by sample.
+    all_keys = make_dataset(tmp_path, num_shards, per_shard)
+    per_rank = len(all_keys) // 2 // batch
+    seen = [keys_of(take(build_train_loader(data_cfg(tmp_path, num_workers=2), batch_size=batch, seed=3,
+                                            rank=rank, world_size=2), per_rank)) for rank in (0, 1)]
+    assert len(set(seen[0])) == len(seen[0]) == len(all_keys) // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(all_keys)
+
+
+def test_same_seed_same_order_and_seed_matters(tmp_path):
+    all_keys = make_dataset(tmp_path, 4, 6)
+    runs = [take(build_train_loader(data_cfg(tmp_path), batch_size=3, seed=s, rank=0, world_size=1), 10)
+            for s in (7, 7, 8)]
+    assert keys_of(runs[0]) == keys_of(runs[1])
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(runs[0], runs[1]))
+    assert [a["captions"] for a in runs[0]] == [b["captions"] for b in runs[1]]
+    assert keys_of(runs[0]) != keys_of(runs[2])
+    # The epoch boundary is crossed at 24 samples and the next epoch is reshuffled.
+    keys = keys_of(runs[0])
+    assert sorted(keys[:24]) == all_keys and keys[24:30] != keys[:6]
+
+
+@pytest.mark.parametrize("via", ["state_dict", "samples_seen"])
+def test_resume_continues_exactly(tmp_path, via):
+    make_dataset(tmp_path, 5, 7)
+    cfg = data_cfg(tmp_path, num_workers=2, random_crop=True, random_flip=True)
+    build = lambda **kw: build_train_loader(cfg, batch_size=3, seed=1, rank=0, world_size=1, **kw)  # noqa: E731
+    full = take(build(), 30)  # 90 samples: more than two epochs of 35
+    first = build()
+    head = take(first, 11)
+    assert keys_of(head) == keys_of(full[:11])
+    if via == "state_dict":
+        resumed = build()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    else:
+        resumed = build(samples_seen=first.state_dict()["samples_seen"])
+    tail = take(resumed, 19)
+    assert keys_of(tail) == keys_of(full[11:])
+    for a, b in zip(tail, full[11:]):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["drop_image"], b["drop_image"])
+        assert torch.equal(a["crop_coords_top_left"], b["crop_coords_top_left"]) and a["captions"] == b["captions"]
+    assert resumed.state_dict()["samples_seen"] == 90
+
+
+def test_resume_skips_consumed_shards_without_opening_them(tmp_path):
+    make_dataset(tmp_path, 4, 5)
+    cfg = data_cfg(tmp_path, shuffle_buffer=5)
+    full = keys_of(take(build_train_loader(cfg, batch_size=5, seed=0, rank=0, world_size=1), 4))
+    consumed_shards = {int(k) // 5 for k in full[:5]}
+    assert len(consumed_shards) == 1  # one block = one shard here
+    (tmp_path / shard_name(consumed_shards.pop())).write_bytes(b"")  # the consumed shard is now unreadable
+    resumed = build_train_loader(cfg, batch_size=5, seed=0, rank=0, world_size=1, samples_seen=5)
+    assert keys_of(take(resumed, 3)) == full[5:]
+    assert resumed.skipped() == {}  # never opened, so never found broken
+
+
+def _bad_dataset(root: Path) -> tuple[set[str], Counter]:
+    """One shard mixing good and bad samples, one truncated shard; returns good keys and expected reasons."""
+    big = png_bytes(99, (64, 64))
+    samples = [good_sample(i) for i in range(4)] + [
+        Sample("trunc_img", {"png": png_bytes(5)[:60], "txt": b"cut"}),
+        Sample("zero_img", {"png": b"", "txt": b"zero"}),
+        Sample("no_caption", {"png": png_bytes(6)}),
+        Sample("bad_json", {"png": png_bytes(7), "txt": b"x", "json": b"{not json"}),
+        Sample("too_big", {"png": big, "txt": b"big"}),
+        Sample("no_image", {"txt": b"only text"}),
+    ]
+    (root / "00000.tar").write_bytes(tar_bytes(samples))
+    cut = tar_bytes([good_sample(10), good_sample(11), good_sample(12)])
+    (root / "00001.tar").write_bytes(cut[: len(cut) // 2])
+    good = {f"{i:06d}" for i in range(4)} | {"000010"}
+    reasons = Counter({"truncated image": 1, "zero-byte image": 1, "missing caption": 1, "bad json": 1,
+                       "image over pixel limit": 1, "missing image": 1, "truncated tar": 1})
+    return good, reasons
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path):
+    good, reasons = _bad_dataset(tmp_path)
+    cfg = DataConfig.from_cfg(data_cfg(tmp_path, max_image_pixels=48 * 48))
+    plan = StreamPlan(tuple(expand_shards(cfg.shards)), (None, None), seed=0, stream=0, num_streams=1,
+                      shuffle_buffer=4)
+    seen, counted = set(), Counter()
+    for offset, raw in plan.blocks(0, 0, [0]):
+        try:
+            seen.add(decode_sample(raw, cfg, np.random.default_rng(offset))["key"])
+        except Exception as error:  # noqa: BLE001 — asserting the exact type below
+            assert type(error).__name__ == "BadSample", error
+            counted[error.reason] += 1
+    assert seen == good and counted == reasons
+
+
+def test_loader_survives_bad_samples_and_reports_them(tmp_path):
+    good, reasons = _bad_dataset(tmp_path)
+    loader = build_train_loader(data_cfg(tmp_path, max_image_pixels=48 * 48), batch_size=1, seed=0,
+                                rank=0, world_size=1)
+    keys = keys_of(take(loader, 3 * len(good)))  # three epochs
+    assert set(keys) == good and Counter(keys) == Counter({k: 3 for k in good})
+    skipped = loader.skipped()
+    assert set(skipped) == set(reasons) and all(2 * reasons[r] <= n <= 3 * reasons[r] for r, n in skipped.items())
+    assert loader.stats()["data/skipped/truncated_tar"] == skipped["truncated tar"]
+    assert loader.load_state_dict(loader.state_dict()) is None and loader.skipped() == skipped
+
+
+class WritesFileWhenUnpickled:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.target)!r}, 'w').write('pwned')",))
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    probe = tmp_path / "proof.txt"
+    pickle.loads(pickle.dumps(WritesFileWhenUnpickled(probe)))
+    assert probe.exists()  # the payload is live: unpickling it would write the file
+    target = tmp_path / "pwned.txt"
+    payload = pickle.dumps(WritesFileWhenUnpickled(target))
+    shard = tmp_path / "shards"
+    shard.mkdir()
+    samples = [Sample(f"{i:03d}", {**good_sample(i).members, "pyd": payload, "pickle": payload, "pth": payload})
+               for i in range(4)]
+    (shard / "00000.tar").write_bytes(tar_bytes(samples))
+    loader = build_train_loader(data_cfg(shard, num_workers=1), batch_size=2, seed=0, rank=0, world_size=1)
+    batches = take(loader, 4)
+    assert sorted(keys_of(batches)[:4]) == ["000", "001", "002", "003"]
+    assert not target.exists() and set(batches[0]) == {
+        "pixel_values", "clip_pixel_values", "captions", "drop_image", "original_size",
+        "crop_coords_top_left", "target_size", "keys"}
+
+
+def test_batch_format_values(tmp_path):
+    make_dataset(tmp_path, 1, 4)
+    cfg = data_cfg(tmp_path, drop_image_prob=0.0, drop_text_prob=0.0, drop_both_prob=0.0, shuffle_buffer=0)
+    batch = take(build_train_loader(cfg, batch_size=4, seed=0, rank=0, world_size=1), 1)[0]
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["clip_pixel_values"].shape == (4, 3, 16, 16)
+    assert batch["original_size"].tolist() == [[32, 40]] * 4  # (height, width) of the 40×32 PNGs
+    assert batch["crop_coords_top_left"].tolist() == [[0, 4]] * 4  # resized to 40×32, centred
+    assert batch["target_size"].tolist() == [[32, 32]] * 4 and batch["target_size"].dtype == torch.long
+    assert batch["captions"] == [f"caption {int(k)}" for k in batch["keys"]] and not batch["drop_image"].any()
+    image = Image.open(io.BytesIO(png_bytes(int(batch["keys"][0])))).convert("RGB")
+    crop = image.crop((4, 0, 36, 32))
+    expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(batch["pixel_values"][0], expected, atol=1e-6)
+    clip = torch.from_numpy(np.array(crop.resize((16, 16), Image.BICUBIC))).permute(2, 0, 1).float() / 255
+    clip = (clip - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert torch.allclose(batch["clip_pixel_values"][0], clip, atol=1e-5)
+
+
+@pytest.mark.parametrize("probs,want_image,want_text", [((1, 0, 0), True, False), ((0, 1, 0), False, True),
+                                                        ((0, 0, 1), True, True)])
+def test_guidance_drops_follow_probabilities(tmp_path, probs, want_image, want_text):
+    make_dataset(tmp_path, 1, 4)
+    cfg = data_cfg(tmp_path, drop_image_prob=probs[0], drop_text_prob=probs[1], drop_both_prob=probs[2])
+    batch = take(build_train_loader(cfg, batch_size=4, seed=0, rank=0, world_size=1), 1)[0]
+    assert batch["drop_image"].tolist() == [want_image] * 4
+    assert all((c == "") == want_text for c in batch["captions"])
+
+
+def test_drop_rates_are_close_to_configured(tmp_path):
+    make_dataset(tmp_path, 2, 10)
+    loader = build_train_loader(data_cfg(tmp_path), batch_size=10, seed=0, rank=0, world_size=1)
+    batches = take(loader, 30)
+    drop_image = torch.cat([b["drop_image"] for b in batches]).float().mean().item()
+    no_text = np.mean([c == "" for b in batches for c in b["captions"]])
+    assert abs(drop_image - 0.3) < 0.08 and abs(no_text - 0.3) < 0.08
+
+
+def test_shard_specs_and_config_errors(tmp_path):
+    make_dataset(tmp_path, 3, 2)
+    brace = expand_shards(str(tmp_path / "{00000..00002}.tar"))
+    assert brace == expand_shards(str(tmp_path / "*.tar")) == expand_shards([str(p) for p in brace])
+    piped = build_train_loader(data_cfg(tmp_path, shards=[f"pipe:cat {p}" for p in brace], shuffle_buffer=0),
+                               batch_size=6, seed=0, rank=0, world_size=1)
+    assert sorted(take(piped, 1)[0]["keys"]) == [f"{i:06d}" for i in range(6)]
+    with pytest.raises(ValueError, match="matched no shards"):
+        expand_shards(str(tmp_path / "nothing*.tar"))
+    with pytest.raises(ValueError, match="unknown data key"):
+        DataConfig.from_cfg({"shards": "x", "resolutoin": 5})
+    with pytest.raises(ValueError, match="sum to"):
+        DataConfig.from_cfg({"shards": "x", "drop_image_prob": 0.6, "drop_text_prob": 0.6})
+
+
+def test_yaml_config_is_the_default_layout():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs/data/webdataset.yaml")
+    cfg.shards = "x/*.tar"
+    data = DataConfig.from_cfg(cfg)
+    assert (data.resolution, data.clip_image_size, data.center_crop, data.random_crop) == (1024, 224, True, False)
+    assert data.clip_mean == CLIP_MEAN and data.clip_std == CLIP_STD and data.max_image_pixels == 178956970
