@@ -53,21 +53,40 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
+def _train_bpe(words: list[str]) -> list[tuple[str, str]]:
+    """Merges learned by plain BPE until every word is one symbol.
+
+    Learning them (rather than listing each word's chain) keeps them consistent, so
+    encoding applies them back in rank order and reproduces whole words.
+    """
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for i, seq in enumerate(seqs):
+            out, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == best:
+                    out.append(seq[j] + seq[j + 1])
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
+
+
 def build_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer over bytes plus whole-word merges for TOKEN_WORDS."""
     alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    for word in TOKEN_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = symbols[0]
-        for nxt in symbols[1:]:
-            rule = (merged, nxt)
-            merged = merged + nxt
-            if rule not in merges:
-                merges.append(rule)
-            if merged not in tokens:
-                tokens.append(merged)
+    merges = _train_bpe(TOKEN_WORDS)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

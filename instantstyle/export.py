@@ -108,7 +108,7 @@ def spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         image_embed_dim = tensors["image_proj.proj_in.weight"].shape[1]
     elif "image_proj.proj.weight" in tensors:
         weight = tensors["image_proj.proj.weight"]
-        adapter_type, resampler_dim = "ip_adapter", 1280
+        adapter_type, resampler_dim = "ip_adapter", int(metadata.get("resampler_dim", 1280))
         num_tokens, image_embed_dim = weight.shape[0] // cross_attention_dim, weight.shape[1]
     else:
         raise AdapterFileError("unsupported image projection: expected image_proj.proj.* or image_proj.latents")

@@ -1,0 +1,62 @@
+"""Trainable parameters and optimizer memory of an InstantStyle adapter on the real architectures.
+
+Builds the public SDXL (or SD 1.5) UNet and OpenCLIP image-encoder configs on the
+``meta`` device: exact shapes, no weights, no download.
+
+    python -m instantstyle.bench_params [--model sdxl|sd15]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .adapter import AdapterSpec, install_adapter
+from .blocks import preset_blocks
+from .reference_configs import build_image_encoder, build_unet
+
+MODELS = {"sdxl": ("sdxl_unet", "openclip_bigg_vision"), "sd15": ("sd15_unet", "openclip_vith_vision")}
+# Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer states.
+BYTES_PER_PARAM = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
+
+
+def count_trainable(model: str, preset: str, adapter_type: str) -> dict[str, int]:
+    """Parameter counts of the projection and of the image branches for one preset."""
+    unet_name, encoder_name = MODELS[model]
+    unet = build_unet(unet_name)
+    encoder = build_image_encoder(encoder_name).config
+    plus = adapter_type == "ip_adapter_plus"
+    spec = AdapterSpec(adapter_type, _blocks(preset, model),
+                       encoder.hidden_size if plus else encoder.projection_dim, 16 if plus else 4)
+    adapter = install_adapter(unet, spec)
+    projection = sum(p.numel() for p in adapter.image_proj.parameters())
+    branches = sum(p.numel() for p in adapter.layers.parameters())
+    return {"layers": len(adapter.layer_names), "projection": projection, "branches": branches,
+            "total": projection + branches}
+
+
+def _blocks(preset: str, model: str):
+    blocks = preset_blocks(preset, model)
+    return tuple(blocks) if blocks is not None else None
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e6:,.1f}M"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sdxl")
+    args = parser.parse_args(argv)
+    print(f"| blocks | projection | layers | image-branch params | projection params | trainable | "
+          f"AdamW state+grad+weights | AdamW8bit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for adapter_type in ("ip_adapter", "ip_adapter_plus"):
+        for preset in ("style", "style_layout", "all"):
+            c = count_trainable(args.model, preset, adapter_type)
+            gib = {k: c["total"] * v / 2**30 for k, v in BYTES_PER_PARAM.items()}
+            print(f"| {preset} | {adapter_type} | {c['layers']} | {_fmt(c['branches'])} | {_fmt(c['projection'])} "
+                  f"| {_fmt(c['total'])} | {gib['adamw']:.2f} GiB | {gib['adamw8bit']:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
