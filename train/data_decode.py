@@ -219,7 +219,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise BadSample("image over pixel limit", str(error)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise BadSample("undecodable image", "not a recognised image format") from None
+    except (OSError, ValueError) as error:
         raise BadSample("undecodable image", str(error)) from None
     width, height = image.size
     if width * height > max_pixels:
