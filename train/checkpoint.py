@@ -1,0 +1,187 @@
+"""Resumable training state on disk: safetensors for tensors, JSON for everything else, never pickle.
+
+A checkpoint is a folder ``checkpoint-{step:08d}`` written as ``tmp-…`` and renamed only
+once every file is fsynced, so a kill mid-write leaves the previous checkpoints intact.
+``trainer_state.json`` is written last; a folder without it is never resumed from.
+Frozen models are never saved: a checkpoint holds only what training changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed into this run."""
+
+
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """JSON tree of a state dict; tensors move to ``tensors`` under their tree path.
+
+    Non-string dict keys (optimizer param ids), tuples (RNG states) and numpy arrays are
+    tagged so ``decode_state`` restores them exactly.
+    """
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode_state(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        return {"__items__": [[k, encode_state(v, tensors, f"{path}.{k}" if path else str(k))] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_state(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_state(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint")
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode_state``."""
+    if isinstance(tree, list):
+        return [decode_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        return np.asarray(tree["__ndarray__"], dtype=tree["dtype"])
+    if "__items__" in tree:
+        return {k: decode_state(v, tensors) for k, v in tree["__items__"]}
+    if "__tuple__" in tree:
+        return tuple(decode_state(v, tensors) for v in tree["__tuple__"])
+    return {k: decode_state(v, tensors) for k, v in tree.items()}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_state(folder: Path, name: str, state: Any) -> None:
+    """``name.json`` (+ ``name.safetensors`` when the state holds tensors) inside ``folder``."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode_state(state, tensors)
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(tree))
+
+
+def read_state(folder: Path, name: str) -> Any:
+    """Inverse of ``write_state``."""
+    tensor_file = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.is_file() else {}
+    return decode_state(json.loads((folder / f"{name}.json").read_text()), tensors)
+
+
+class CheckpointManager:
+    """Writes, rotates and finds checkpoints under ``RUN/checkpoints``."""
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        self.root, self.keep = Path(root), keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (``tmp-`` folders and unfinished ones are ignored)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if NAME.match(p.name) and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str) -> Path:
+        """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        for name, state in states.items():
+            write_state(tmp, name, state)
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        final = self.root / f"checkpoint-{step:08d}"
+        if final.exists():  # the same step saved twice (preemption right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(self.root)
+        self.rotate()
+        return final
+
+    def rotate(self) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints, and stale ``tmp-`` folders."""
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob("tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(folder: str | Path, names: list[str]) -> tuple[dict[str, Any], dict]:
+    """(states by name, trainer_state) of a complete checkpoint; missing optional states are skipped."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); use resume=auto or another one")
+    states = {name: read_state(folder, name) for name in names if (folder / f"{name}.json").is_file()}
+    return states, json.loads((folder / STATE_FILE).read_text())
+
+
+def check_compatible(saved: dict, current: dict, folder: Path) -> None:
+    """One-line error when a checkpoint comes from another base model, block set or world size."""
+    for key, what in (("base_model", "base model"), ("target_blocks", "block set"), ("adapter_type", "adapter type"),
+                      ("num_tokens", "number of image tokens"), ("world_size", "number of processes")):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"{folder.name} was trained with {what} {saved.get(key)!r}, this run has "
+                                  f"{current.get(key)!r}; use the same setting, resume=none or another output_dir")
+
+
+def capture_rng(generator: torch.Generator) -> dict:
+    """This process's RNG states as JSON: torch (CPU, CUDA), numpy, python, and the noise generator."""
+    import random
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "noise": generator.get_state().tolist(),
+    }
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    """Inverse of ``capture_rng``."""
+    import random
+
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(torch.tensor(state["noise"], dtype=torch.uint8))

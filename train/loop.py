@@ -1,0 +1,145 @@
+"""The training loop: accumulate, backward, clip, step, log, checkpoint. The math is in ``train.task``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from train.checkpoint import CheckpointManager
+from train.loggers import ThroughputMeter
+from train.task import DiffusionTask
+
+log = logging.getLogger(__name__)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (preemption) ask for a checkpoint at the next step boundary, then a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, _frame) -> None:
+        log.warning("received signal %d: checkpointing at the next step boundary, then exiting", signum)
+        self.requested = True
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank when any rank was signalled (they must checkpoint together)."""
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def gather_json(obj, accelerator: Accelerator) -> list:
+    """Every rank's JSON-able ``obj``, on every rank (bytes in tensors: no pickling)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=accelerator.device)
+    sizes = accelerator.gather(torch.tensor([data.numel()], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(data, dim=0)
+    rows = accelerator.gather(padded).view(accelerator.num_processes, -1)
+    return [json.loads(bytes(row[:n].tolist()).decode()) for row, n in zip(rows.cpu(), sizes)]
+
+
+def save_checkpoint(run, manager: CheckpointManager) -> None:
+    """Gather per-rank state; only the main process writes."""
+    ranks = gather_json(run.rank_state(), run.accelerator)
+    if run.accelerator.is_main_process:
+        trainer_state = {"step": run.step, "identity": run.identity,
+                         "samples_seen": sum(r["data"]["samples_seen"] for r in ranks)}
+        path = manager.save(run.step, {**run.states(), "ranks": ranks}, trainer_state, run.config_yaml)
+        log.info("saved %s", path)
+    run.accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def fixed_batch_loss(run, batch: dict, seed: int = 0) -> float:
+    """Loss on one fixed batch with fixed noise: comparable across steps and runs."""
+    generator = torch.Generator(run.accelerator.device).manual_seed(seed)
+    model = run.accelerator.unwrap_model(run.model)
+    task = DiffusionTask(run.base, model, adapter_type=run.task.adapter_type, generator=generator,
+                         noise_offset=run.task.noise_offset, snr_gamma=run.task.snr_gamma)
+    return float(task(batch)[0])
+
+
+def train_step(run, batches, meter: ThroughputMeter) -> tuple[float, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm)."""
+    accelerator, losses = run.accelerator, []
+    for _ in range(run.trainer.gradient_accumulation_steps):
+        with meter.waiting():
+            batch = next(batches)
+        run.record(batch)
+        with accelerator.accumulate(run.model):
+            loss, _metrics = run.task(batch)
+            accelerator.backward(loss)
+        losses.append(loss.detach())
+    # accumulate() has synced gradients on the last micro-batch.
+    max_norm = run.trainer.max_grad_norm or float("inf")
+    grad_norm = accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.adapter)
+    return float(torch.stack(losses).mean()), float(grad_norm)
+
+
+def log_metrics(run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
+    """Average the window over ranks and send it to the trackers; returns what was logged."""
+    acc = run.accelerator
+    window = meter.read()
+    loss = acc.reduce(torch.tensor([window["loss"]], device=acc.device), reduction="mean").item()
+    skipped = {}
+    for stats in gather_json(run.loader.stats(), acc):
+        for key, value in stats.items():
+            if key.startswith("data/skipped/"):
+                skipped[key] = skipped.get(key, 0) + value
+    metrics = {"train/loss": loss, "train/lr": run.lr_scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+               "perf/samples_per_s": window["samples_per_s"], "perf/data_wait_frac": window["data_wait_frac"],
+               **skipped}
+    acc.log(metrics, step=run.step)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+    return metrics
+
+
+def fit(run, manager: CheckpointManager) -> dict:
+    """Train from ``run.step`` to ``max_steps``; stops early (after a checkpoint) on SIGTERM/SIGINT."""
+    t, acc = run.trainer, run.accelerator
+    samples_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
+    stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
+    fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
+    start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
+    try:
+        while run.step < t.max_steps:
+            loss, grad_norm = train_step(run, batches, meter)
+            run.step += 1
+            meter.add(samples_per_step, loss)
+            bar.update(1)
+            if run.step % t.log_every == 0 or run.step == t.max_steps:
+                metrics = log_metrics(run, meter, grad_norm, bar)
+            if fixed_batch is not None and run.step % t.validate_every == 0:
+                acc.log({"val/fixed_batch_loss": fixed_batch_loss(run, fixed_batch)}, step=run.step)
+            preempted = stop.agreed(acc)
+            if preempted or (t.checkpoint_every and run.step % t.checkpoint_every == 0) or run.step == t.max_steps:
+                save_checkpoint(run, manager)
+            if preempted:
+                break
+    finally:
+        stop.restore()
+        bar.close()
+    elapsed = time.perf_counter() - start
+    run.summary.update({"step": run.step, "max_steps": t.max_steps, "preempted": preempted,
+                        "final_loss": metrics.get("train/loss"), "wall_s": elapsed,
+                        "samples_per_s": (run.step - first_step) * samples_per_step / max(elapsed, 1e-9),
+                        "samples_seen": run.step * samples_per_step, "world_size": acc.num_processes})
+    return run.summary

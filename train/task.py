@@ -1,0 +1,150 @@
+"""The diffusion math of adapter training: encode, noise, predict, loss. The loop only calls ``task(batch)``.
+
+Frozen networks run under ``no_grad`` in the configured precision and keep no activations;
+the adapter's weights stay float32. Autograd reaches only what the adapter needs: layers
+before the first target block have no inputs that require grad, so they are not differentiated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+from torch import nn
+
+from instantstyle.adapter import AdapterSpec, InstantStyleAdapter, install_adapter
+from instantstyle.content import encode_image
+from instantstyle.export import load_adapter
+from instantstyle.models import BaseModel, encode_prompts, load_base
+
+
+def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
+               build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> BaseModel:
+    """Load the frozen base (the ``model`` group's builder); the tiny base is made on first use."""
+    if build_if_missing and not Path(path, "unet").is_dir():
+        from data_tools.make_tiny_model import save_tiny_model
+
+        save_tiny_model(path)
+    return load_base(path, image_encoder=image_encoder, dtype=dtype, device=device,
+                     check_content=check_content_space)
+
+
+def adapter_spec(base: BaseModel, *, type: str, num_tokens: int, resampler_dim: int,
+                 blocks: list[str] | None) -> AdapterSpec:
+    """What to train on this base: image feature width comes from the image encoder."""
+    enc = base.image_encoder.config
+    embed_dim = enc.hidden_size if type == "ip_adapter_plus" else enc.projection_dim
+    extra = {"base_model": base.path, "image_encoder": base.image_encoder_path}
+    return AdapterSpec(type, tuple(blocks) if blocks is not None else None, embed_dim, num_tokens,
+                       resampler_dim, extra)
+
+
+def build_adapter(base: BaseModel, *, blocks: list[str] | None, type: str, num_tokens: int,
+                  resampler_dim: int, init_from: str | None = None) -> InstantStyleAdapter:
+    """Install a fresh adapter (or one initialised from a file) on the base UNet (the ``adapter`` group)."""
+    spec = adapter_spec(base, type=type, num_tokens=num_tokens, resampler_dim=resampler_dim, blocks=blocks)
+    if init_from:
+        adapter = load_adapter(init_from, base.unet, blocks=blocks)
+        adapter.spec = spec
+    else:
+        adapter = install_adapter(base.unet, spec)
+    return adapter.to(base.unet.device, torch.float32)
+
+
+class AdaptedUNet(nn.Module):
+    """UNet + adapter as one module, so DDP/FSDP see the adapter weights used inside the UNet forward."""
+
+    def __init__(self, unet: nn.Module, adapter: InstantStyleAdapter) -> None:
+        super().__init__()
+        self.unet = unet
+        self.adapter = adapter
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                image_features: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
+        tokens = self.adapter.image_tokens(image_features)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=(prompt_embeds, tokens),
+                         added_cond_kwargs=added_cond_kwargs).sample
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Data-parallel ranks need distinct noise streams that are still fixed by ``seed``."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+@dataclass
+class Conditioning:
+    """Everything the frozen encoders produce for one batch."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    image_features: torch.Tensor
+    added_cond_kwargs: dict | None
+
+
+class DiffusionTask:
+    """Noise-prediction loss of the adapted UNet; ``task(batch) -> (loss, metrics)``."""
+
+    def __init__(self, base: BaseModel, model: nn.Module, *, adapter_type: str, generator: torch.Generator,
+                 noise_offset: float = 0.0, snr_gamma: float | None = None) -> None:
+        self.base, self.model, self.adapter_type = base, model, adapter_type
+        self.generator, self.noise_offset, self.snr_gamma = generator, noise_offset, snr_gamma
+        self.scheduler = base.noise_scheduler
+        self.device = base.unet.device
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> Conditioning:
+        """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad."""
+        vae = self.base.vae
+        pixels = batch["pixel_values"].to(self.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
+        prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
+        features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device), self.adapter_type)
+        keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
+        features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
+        added = None
+        if self.base.family == "sdxl":
+            time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
+        return Conditioning(latents.float(), prompt_embeds, features, added)
+
+    def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, timesteps, noisy latents), drawn from this rank's generator."""
+        b, c = latents.shape[:2]
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((b, c, 1, 1), generator=self.generator, device=self.device)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (b,), generator=self.generator, device=self.device)
+        return noise, timesteps, self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet must predict under the scheduler's parameterisation."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction_type {kind!r}: use epsilon or v_prediction")
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """MSE, optionally min-SNR-γ weighted per sample (Hang et al. 2023)."""
+        if self.snr_gamma is None:
+            return F.mse_loss(pred, target)
+        snr = compute_snr(self.scheduler, timesteps)
+        weight = torch.clamp(snr, max=self.snr_gamma) / snr
+        if self.scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight).mean()
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        cond = self.encode(batch)
+        noise, timesteps, noisy = self.add_noise(cond.latents)
+        pred = self.model(noisy, timesteps, cond.prompt_embeds, cond.image_features, cond.added_cond_kwargs)
+        loss = self.loss(pred.float(), self.target(cond.latents, noise, timesteps).float(), timesteps)
+        return loss, {"loss": loss.detach()}
