@@ -1,0 +1,249 @@
+"""InstantStyle inference: style-block injection plus content subtraction, on a stock SDXL pipeline.
+
+    python -m instantstyle.generate --base DIR --adapter FILE --style-image IMG --prompt P \\
+        [--prompt P2 ...] [--content-prompt C --content-scale 0.5 --scale 1.0 --blocks style] --out OUT.png
+
+The style image is encoded once; ``image_embeds - λ · text_embeds(content prompt)`` is passed
+to the pipeline as ``ip_adapter_image_embeds`` (zeros as the unconditional half, as diffusers
+does), so any number of prompts and images per prompt share one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from .adapter import AdapterSpec, InstantStyleAdapter
+from .blocks import UnknownBlockError, resolve_blocks
+from .content import ContentSpaceMismatch, encode_content_prompt, encode_image, subtract_content
+from .export import AdapterFileError
+from .grid import make_grid
+from .models import BaseModel, BaseModelError, model_family
+from .pipeline import (
+    GenerationError,
+    attached_adapter,
+    check_adapter_file,
+    load_image,
+    load_ip_weights,
+    load_pipeline,
+    pipeline_from_base,
+    set_layer_scales,
+    target_layers,
+)
+
+ImageInput = Image.Image | str | Path
+USER_ERRORS = (GenerationError, AdapterFileError, BaseModelError, UnknownBlockError, ContentSpaceMismatch)
+
+
+class StyleGenerator:
+    """A stock SDXL pipeline whose UNet carries an InstantStyle adapter."""
+
+    def __init__(self, pipe: StableDiffusionXLPipeline, spec: AdapterSpec, blocks: list[str] | None,
+                 adapter: InstantStyleAdapter | None = None) -> None:
+        self.pipe = pipe
+        self.spec = spec
+        self.family = model_family(pipe.unet)
+        self.blocks = blocks  # None = every cross-attention layer
+        self.adapter = adapter  # set only when our own processors are installed (training validation)
+        target_layers(pipe.unet, blocks)  # fail early on unknown blocks
+
+    @classmethod
+    def from_pretrained(cls, base: str, adapter: str | Path, *, blocks: str | Sequence[str] | None = None,
+                        image_encoder: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", controlnet: str | None = None) -> StyleGenerator:
+        """Load a base folder or model id and our export (target blocks from its metadata unless given)."""
+        check_adapter_file(adapter)
+        pipe = load_pipeline(base, image_encoder=image_encoder, dtype=dtype, device=device, controlnet=controlnet)
+        return cls.from_pipeline(pipe, adapter, blocks=blocks)
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionXLPipeline, adapter: str | Path, *,
+                      blocks: str | Sequence[str] | None = None) -> StyleGenerator:
+        """Load an adapter file into diffusers' IP-Adapter processors of an existing pipeline."""
+        spec = load_ip_weights(pipe, adapter)
+        chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(pipe.unet))
+        return cls(pipe, spec, None if chosen is None else list(chosen))
+
+    @classmethod
+    def from_base(cls, base: BaseModel, adapter: InstantStyleAdapter,
+                  blocks: str | Sequence[str] | None = None) -> StyleGenerator:
+        """Generate with an adapter installed in memory on ``base.unet`` (e.g. during training)."""
+        chosen = adapter.spec.blocks if blocks is None else resolve_blocks(blocks, base.family)
+        return cls(pipeline_from_base(base), adapter.spec, None if chosen is None else list(chosen), adapter)
+
+    @torch.no_grad()
+    def encode_style(self, style_image: ImageInput, *, content_prompt: str | None = None,
+                     content_embeds: torch.Tensor | None = None,
+                     content_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(style, unconditional) image embeddings, batch 1, with the content subtracted."""
+        image = load_image(style_image) if not isinstance(style_image, Image.Image) else style_image
+        encoder = self.pipe.image_encoder
+        pixels = self.pipe.feature_extractor(image, return_tensors="pt").pixel_values
+        embeds = encode_image(encoder, pixels, self.spec.adapter_type)
+        # Same unconditional embedding as diffusers' encode_image: zeros, or the hidden states of a black image.
+        if self.spec.adapter_type == "ip_adapter_plus":
+            negative = encode_image(encoder, torch.zeros_like(pixels), self.spec.adapter_type)
+        else:
+            negative = torch.zeros_like(embeds)
+        content = self.content_embedding(content_prompt, content_embeds)
+        if content is not None:
+            embeds = subtract_content(embeds, content.to(embeds.device), content_scale)
+        return embeds, negative
+
+    def content_embedding(self, content_prompt: str | None, content_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """Pooled projected text embedding (1, D) of the content prompt, or the one given."""
+        if content_prompt is None and content_embeds is None:
+            return None
+        if content_prompt is not None and content_embeds is not None:
+            raise GenerationError("give a content prompt or a content embedding, not both")
+        if self.spec.adapter_type != "ip_adapter":
+            raise GenerationError(f"content subtraction needs pooled image embeddings, but this adapter is "
+                                  f"{self.spec.adapter_type}, which works on hidden states; drop the content prompt")
+        if content_embeds is not None:
+            return content_embeds.reshape(1, -1)
+        encoder = self.pipe.text_encoder_2 or self.pipe.text_encoder
+        tokenizer = self.pipe.tokenizer_2 or self.pipe.tokenizer
+        return encode_content_prompt(encoder, tokenizer, content_prompt)
+
+    def ip_adapter_image_embeds(self, style: torch.Tensor, negative: torch.Tensor,
+                                guidance: float) -> list[torch.Tensor]:
+        """diffusers' layout: one tensor (2, 1, ...) = [unconditional; conditional], or (1, 1, ...) without CFG.
+
+        The pipeline repeats it for every prompt and image (batch_size · num_images_per_prompt).
+        """
+        embeds = torch.cat([negative, style]) if guidance > 1.0 else style
+        return [embeds.unsqueeze(1).to(self.pipe.unet.device, self.pipe.unet.dtype)]
+
+    def set_scale(self, scale: float, blocks: list[str] | None) -> None:
+        """``scale`` on the target blocks' layers, nothing anywhere else."""
+        if self.adapter is None:
+            set_layer_scales(self.pipe.unet, blocks, scale)
+            return
+        target_layers(self.pipe.unet, blocks)
+        self.adapter.set_scale(float(scale) if blocks is None else {b: float(scale) for b in blocks})
+
+    def _resolve(self, blocks: str | Sequence[str] | None) -> list[str] | None:
+        if blocks is None:
+            return self.blocks
+        chosen = resolve_blocks(blocks, self.family)
+        return None if chosen is None else list(chosen)
+
+    def generate(self, style_image: ImageInput, prompts: str | Sequence[str], *,
+                 content_prompt: str | None = None, content_embeds: torch.Tensor | None = None,
+                 content_scale: float = 1.0, scale: float = 1.0, blocks: str | Sequence[str] | None = None,
+                 num_images: int = 1, seed: int = 0, steps: int = 30, guidance: float = 5.0,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 control_image: ImageInput | None = None, control_scale: float = 1.0) -> list[Image.Image]:
+        """``num_images`` images per prompt, ordered prompt by prompt; ``blocks`` overrides the targets."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or num_images < 1:
+            raise GenerationError("need at least one prompt and num_images >= 1")
+        style, negative = self.encode_style(style_image, content_prompt=content_prompt,
+                                            content_embeds=content_embeds, content_scale=content_scale)
+        self.set_scale(scale, self._resolve(blocks))
+        kwargs = dict(
+            prompt=prompts, negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
+            ip_adapter_image_embeds=self.ip_adapter_image_embeds(style, negative, guidance),
+            num_images_per_prompt=num_images, num_inference_steps=steps, guidance_scale=guidance,
+            height=height, width=width, generator=torch.Generator("cpu").manual_seed(seed),
+        )
+        kwargs.update(self._control_kwargs(control_image, control_scale))
+        attach = attached_adapter(self.pipe.unet, self.adapter) if self.adapter is not None else nullcontext()
+        with attach:
+            return list(self.pipe(**kwargs).images)
+
+    def _control_kwargs(self, control_image: ImageInput | None, control_scale: float) -> dict:
+        is_control = isinstance(self.pipe, StableDiffusionXLControlNetPipeline)
+        if is_control and control_image is None:
+            raise GenerationError("this pipeline has a ControlNet: give a control image (--control-image)")
+        if control_image is None:
+            return {}
+        if not is_control:
+            raise GenerationError("a control image needs a ControlNet (--controlnet PATH)")
+        image = control_image if isinstance(control_image, Image.Image) else load_image(control_image, "control image")
+        return {"image": image, "controlnet_conditioning_scale": float(control_scale)}
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """Where the individual images go: ``out`` itself for one image, ``out-stem_i`` next to it otherwise."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``python -m instantstyle.generate``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="SDXL folder or model id")
+    p.add_argument("--adapter", required=True, help="ip-adapter.safetensors exported by this project")
+    p.add_argument("--style-image", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--content-prompt", help="describes the style image's content, subtracted in CLIP space")
+    p.add_argument("--content-scale", type=float, default=1.0, help="λ in image_embeds - λ·text_embeds")
+    p.add_argument("--scale", type=float, default=1.0, help="image-branch scale in the target blocks")
+    p.add_argument("--blocks", help="style|layout|style_layout|all or a comma list (default: from the file)")
+    p.add_argument("--image-encoder", help="repo[:subfolder] when the base has no image_encoder/")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--controlnet", help="ControlNet folder or id for spatial control")
+    p.add_argument("--control-image")
+    p.add_argument("--control-scale", type=float, default=1.0)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="PNG; with several images a grid, images saved beside it")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Generate and save as the command line asks; returns the written paths."""
+    load_image(args.style_image)  # fail before loading a multi-gigabyte base
+    if args.control_image:
+        load_image(args.control_image, "control image")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    generator = StyleGenerator.from_pretrained(args.base, args.adapter, blocks=args.blocks, dtype=dtype,
+                                               image_encoder=args.image_encoder, device=args.device,
+                                               controlnet=args.controlnet)
+    images = generator.generate(
+        args.style_image, args.prompt, content_prompt=args.content_prompt, content_scale=args.content_scale,
+        scale=args.scale, num_images=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+        control_image=args.control_image, control_scale=args.control_scale,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out, len(images))
+    if len(images) > 1:
+        make_grid(images, rows=len(args.prompt), cols=args.num_images).save(out)
+    for image, path in zip(images, paths):
+        image.save(path)
+    return [out] + ([] if len(images) == 1 else paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: user errors print one ``error: ...`` line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        paths = run(args)
+    except USER_ERRORS as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths[0]}" + (f" and {len(paths) - 1} images beside it" if len(paths) > 1 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

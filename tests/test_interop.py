@@ -1,0 +1,107 @@
+"""Our generation equals stock diffusers' ``load_ip_adapter`` + ``set_ip_adapter_scale`` on our export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
+from test_generate_support import STYLE, STYLE_LAYOUT, as_uint8, export_perturbed, perturbed_adapter, style_image
+
+from instantstyle.export import export_safetensors
+from instantstyle.generate import StyleGenerator
+from instantstyle.pipeline import diffusers_scale_dict
+
+STEPS = 2
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dir, tmp_path_factory):
+    """Perturbed style and style+layout exports plus a style image."""
+    tmp = tmp_path_factory.mktemp("interop")
+    return {
+        "style": export_perturbed(tiny_model_dir, STYLE, tmp / "style.safetensors"),
+        "style_layout": export_perturbed(tiny_model_dir, STYLE_LAYOUT, tmp / "style_layout.safetensors"),
+        "image": style_image(tmp / "style.png"),
+    }
+
+
+def stock_images(base_dir, adapter_file, scale, image, num_images=1):
+    """What a diffusers user gets: load_ip_adapter on our file, the InstantStyle scale dict, a PIL image."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(adapter_file.parent), subfolder="", weight_name=adapter_file.name)
+    pipe.set_ip_adapter_scale(scale)
+    out = pipe(PROMPT, ip_adapter_image=image, num_inference_steps=STEPS, num_images_per_prompt=num_images,
+               generator=torch.Generator("cpu").manual_seed(0))
+    return as_uint8(out.images)
+
+
+def plain_images(base_dir):
+    """The base without any adapter, same seed."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return as_uint8(pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0)).images)
+
+
+@pytest.mark.parametrize("name,scale", [
+    ("style", {"up": {"block_0": [0.0, 1.0, 0.0]}}),
+    ("style_layout", {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}),
+])
+def test_generate_equals_stock_diffusers(tiny_model_dir, files, name, scale):
+    from PIL import Image
+
+    image = Image.open(files["image"]).convert("RGB")
+    generator = StyleGenerator.from_pretrained(tiny_model_dir, files[name])
+    generator.pipe.set_progress_bar_config(disable=True)
+    ours = as_uint8(generator.generate(image, PROMPT, steps=STEPS, seed=0, num_images=2))
+    stock = stock_images(tiny_model_dir, files[name], scale, image, num_images=2)
+    assert diffusers_scale_dict(generator.pipe.unet, generator.blocks, 1.0) == scale
+    assert ours.shape == stock.shape == (2, 64, 64, 3)
+    assert abs(ours - stock).max() <= 1
+    # The adapter must matter, otherwise equality would be vacuous.
+    assert abs(ours[:1] - plain_images(tiny_model_dir)).mean() > 2.0
+
+
+def test_untrained_layers_are_inert_at_any_scale(tiny_model_dir, files):
+    from PIL import Image
+
+    image = Image.open(files["image"]).convert("RGB")
+    style_only = stock_images(tiny_model_dir, files["style"], {"up": {"block_0": [0.0, 1.0, 0.0]}}, image)
+    everywhere = stock_images(tiny_model_dir, files["style"], 1.0, image)
+    assert (style_only == everywhere).all()
+
+
+def test_zeroed_export_equals_base_unet(tiny_model_dir, files, tmp_path):
+    tensors = load_file(files["style"])
+    zeroed = {k: torch.zeros_like(v) if k.endswith("to_v_ip.weight") else v for k, v in tensors.items()}
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("to_v_ip.weight"))
+    save_file(zeroed, str(tmp_path / "zero.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    with torch.no_grad():
+        before = pipe.unet(sample, 10, text, added_cond_kwargs=cond).sample
+        pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="zero.safetensors")
+        pipe.set_ip_adapter_scale(1.0)
+        image_embeds = [torch.randn(2, 1, 32)]
+        after = pipe.unet(sample, 10, text, added_cond_kwargs={**cond, "image_embeds": image_embeds}).sample
+    assert torch.equal(before, after)
+
+
+def test_in_memory_adapter_equals_its_export(tiny_model_dir, files, tmp_path):
+    """Training validation path (our processors, no file) gives the export's images."""
+    base, adapter = perturbed_adapter(tiny_model_dir, STYLE, seed=3)
+    path = export_safetensors(adapter, base.unet, tmp_path / "a.safetensors")
+    kwargs = dict(steps=STEPS, seed=0, num_images=2, content_prompt="noise", content_scale=0.5)
+    in_memory = StyleGenerator.from_base(base, adapter)
+    in_memory.pipe.set_progress_bar_config(disable=True)
+    ours = as_uint8(in_memory.generate(files["image"], [PROMPT, "a cat"], **kwargs))
+    from_file = StyleGenerator.from_pretrained(tiny_model_dir, path)
+    from_file.pipe.set_progress_bar_config(disable=True)
+    exported = as_uint8(from_file.generate(files["image"], [PROMPT, "a cat"], **kwargs))
+    assert ours.shape == (4, 64, 64, 3)
+    assert abs(ours - exported).max() <= 1
+    assert base.unet.encoder_hid_proj is None  # the training UNet is left as it was
