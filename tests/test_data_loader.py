@@ -254,3 +254,28 @@ def test_yaml_config_is_the_default_layout():
     data = DataConfig.from_cfg(cfg)
     assert (data.resolution, data.clip_image_size, data.center_crop, data.random_crop) == (1024, 224, True, False)
     assert data.clip_mean == CLIP_MEAN and data.clip_std == CLIP_STD and data.max_image_pixels == 178956970
+
+
+def test_truncated_shard_with_manifest_counts_lost_samples_and_resumes_exactly(tmp_path):
+    all_keys = make_dataset(tmp_path, 3, 6)
+    whole = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(whole[: len(whole) // 2])
+    cfg = data_cfg(tmp_path, shuffle_buffer=5)
+    build = lambda **kw: build_train_loader(cfg, batch_size=2, seed=0, rank=0, world_size=1, **kw)  # noqa: E731
+    full = build()
+    keys = keys_of(take(full, 12))
+    first_epoch = set(keys[:len(set(keys))])
+    lost = 6 - len([k for k in first_epoch if 6 <= int(k) < 12])
+    assert first_epoch <= set(all_keys) and len(first_epoch) == 18 - lost and lost >= 1
+    assert full.skipped()["truncated tar"] >= lost  # padded to the manifest count: one per lost sample
+    head = build()
+    take(head, 5)
+    resumed = build()
+    resumed.load_state_dict(head.state_dict())
+    assert keys_of(take(resumed, 7)) == keys[10:]
+
+
+def test_all_bad_data_raises_instead_of_hanging(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(tar_bytes([Sample(f"{i}", {"txt": b"no image"}) for i in range(3)]))
+    with pytest.raises(RuntimeError, match="no decodable sample"):
+        take(build_train_loader(data_cfg(tmp_path), batch_size=1, seed=0, rank=0, world_size=1), 1)

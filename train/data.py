@@ -173,13 +173,18 @@ class ShardStreamDataset(IterableDataset):
             torch.set_num_threads(1)  # workers run in parallel already; BLAS threads would oversubscribe
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_image_pixels)
         plan = StreamPlan(stream=self.rank * workers + stream, seed=self.seed, **self.plan_args)
-        skips, batch = SkipLog(), []
-        for epoch, offset, raw in self._positions(plan, *self.start.get(stream, (0, 0))):
+        start_epoch, start_offset = self.start.get(stream, (0, 0))
+        skips, batch, last_good_epoch = SkipLog(), [], start_epoch
+        for epoch, offset, raw in self._positions(plan, start_epoch, start_offset):
             rng = np.random.default_rng([self.seed, epoch, plan.stream, offset])
             try:
                 batch.append(decode_sample(raw, self.cfg, rng))
+                last_good_epoch = epoch
             except BadSample as error:
                 skips.add(error, raw)
+                if epoch - last_good_epoch >= 2:  # all-bad data would otherwise hang training silently
+                    raise RuntimeError(f"no decodable sample in 2 epochs of stream {plan.stream} "
+                                       f"({dict(skips.counts)}): check the shards with python -m data_tools.inspect")
                 continue
             if len(batch) == self.batch_size:
                 out = collate(batch, self.cfg)
