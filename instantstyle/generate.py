@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+if __name__ == "__main__":
+    # Import-time notices of diffusers/transformers/bitsandbytes (optional backends absent) would
+    # bury the CLI's one-line errors; they must be silenced before those packages are imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.ERROR)
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,11 +37,11 @@ from .models import BaseModel, BaseModelError, model_family
 from .pipeline import (
     GenerationError,
     attached_adapter,
-    check_adapter_file,
     load_image,
     load_ip_weights,
     load_pipeline,
     pipeline_from_base,
+    preflight,
     set_layer_scales,
     target_layers,
 )
@@ -60,7 +67,7 @@ class StyleGenerator:
                         image_encoder: str | None = None, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", controlnet: str | None = None) -> StyleGenerator:
         """Load a base folder or model id and our export (target blocks from its metadata unless given)."""
-        check_adapter_file(adapter)
+        preflight(base, adapter, blocks)  # one-line errors before gigabytes are loaded
         pipe = load_pipeline(base, image_encoder=image_encoder, dtype=dtype, device=device, controlnet=controlnet)
         return cls.from_pipeline(pipe, adapter, blocks=blocks)
 
@@ -235,7 +242,6 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     try:
         paths = run(args)
     except USER_ERRORS as err:

@@ -24,13 +24,14 @@ from diffusers import (
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .adapter import AdapterSpec, InstantStyleAdapter
-from .blocks import UnknownBlockError, block_of, cross_attention_layers, select_layers
-from .export import AdapterFileError, expected_shapes, check_shapes, read_adapter_file, spec_from_file
-from .models import BaseModel, BaseModelError, resolve_image_encoder
+from .blocks import UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
+from .export import AdapterFileError, check_shapes, expected_shapes, read_adapter_file, spec_from_file
+from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
 
 
 class GenerationError(ValueError):
@@ -191,7 +192,37 @@ def attached_adapter(unet: UNet2DConditionModel, adapter: InstantStyleAdapter) -
         unet.config.encoder_hid_dim_type = old_type
 
 
-def check_adapter_file(path: str | Path) -> None:
-    """Raise ``AdapterFileError`` early for a missing adapter file (before loading a base)."""
-    if not Path(path).is_file():
-        raise AdapterFileError(f"adapter file not found: {path}")
+def meta_unet(base: str) -> UNet2DConditionModel:
+    """The base's UNet built from its config on the meta device: names and shapes, no weights."""
+    try:
+        config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"cannot read the UNet config of {base}: {str(err).splitlines()[0]}") from err
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def adapter_shapes(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Meta tensors with the file's shapes (safetensors header only) and its metadata."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        tensors, metadata = read_adapter_file(path)
+        return {k: v.to("meta") for k, v in tensors.items()}, metadata
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0]}") from err
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}, metadata
+
+
+def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None) -> None:
+    """Check that the adapter fits the base and the blocks exist before loading any weights."""
+    path = Path(adapter)
+    tensors, metadata = adapter_shapes(path)
+    unet = meta_unet(base)
+    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
+    everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
+    check_shapes(tensors, expected_shapes(unet, everything), path)
+    chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(unet))
+    target_layers(unet, None if chosen is None else list(chosen))
