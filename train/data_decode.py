@@ -100,7 +100,7 @@ def _parse_header(block: bytes) -> tuple[str, int, bytes]:
     return (f"{prefix}/{name}" if prefix else name), size, block[156:157]
 
 
-def iter_members(stream: BinaryIO, want_data=lambda name: True) -> Iterator[tuple[str, bytes | None]]:
+def iter_members(stream: BinaryIO, want_data: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, bytes | None]]:
     """Yield (name, data) for regular files; data is None where `want_data(name)` is False."""
     long_name: str | None = None
     while True:
