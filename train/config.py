@@ -21,6 +21,7 @@ from instantstyle.content import ContentSpaceMismatch, check_content_space
 from instantstyle.models import BaseModelError, resolve_image_encoder
 from instantstyle.projection import ADAPTER_TYPES
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -201,3 +202,12 @@ def validate_config(cfg: DictConfig) -> TrainerConfig:
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")
     return trainer
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """configs/train.yaml with Hydra overrides, outside ``@hydra.main`` (tests, notebooks); set output_dir."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))

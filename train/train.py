@@ -120,8 +120,11 @@ def build_run(cfg: DictConfig, trainer: TrainerConfig, accelerator: Accelerator,
     task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
                          noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma)
     loader = build_train_loader(cfg.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank, world_size=world)
+    spec = adapter.spec
     identity = {"base_model": str(cfg.model.path), "target_blocks": list(blocks) if blocks is not None else "all",
-                "adapter_type": adapter.spec.adapter_type, "num_tokens": adapter.spec.num_tokens, "world_size": world}
+                "adapter_type": spec.adapter_type, "num_tokens": spec.num_tokens, "world_size": world,
+                "image_embed_dim": spec.image_embed_dim, "resampler_dim": spec.resampler_dim,
+                "image_encoder": base.image_encoder_path}
     return Run(accelerator, trainer, base, adapter, model, task, optimizer, lr_scheduler, loader, cfg.data, generator,
                EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(cfg, resolve=True),
                identity)
@@ -147,6 +150,7 @@ def restore(run: Run, folder: Path) -> None:
     restore_rng(mine["rng"], run.generator)
     run.loader.load_state_dict(mine["data"])
     run.step = int(trainer_state["step"])
+    run.summary["resumed_from"] = str(folder)
     log.info("resumed from %s at step %d", folder, run.step)
 
 
