@@ -137,11 +137,14 @@ class StyleGenerator:
         target_layers(self.pipe.unet, blocks)
         self.adapter.set_scale(float(scale) if blocks is None else {b: float(scale) for b in blocks})
 
-    def _resolve(self, blocks: str | Sequence[str] | None) -> list[str] | None:
+    def resolve_blocks(self, blocks: str | Sequence[str] | None) -> list[str] | None:
+        """Checked block list of a per-call override (``None`` keeps the generator's blocks)."""
         if blocks is None:
             return self.blocks
         chosen = resolve_blocks(blocks, self.family)
-        return None if chosen is None else list(chosen)
+        chosen = None if chosen is None else list(chosen)
+        target_layers(self.pipe.unet, chosen)
+        return chosen
 
     def generate(self, style_image: ImageInput, prompts: str | Sequence[str], *,
                  content_prompt: str | None = None, content_embeds: torch.Tensor | None = None,
@@ -155,7 +158,7 @@ class StyleGenerator:
             raise GenerationError("need at least one prompt and num_images >= 1")
         style, negative = self.encode_style(style_image, content_prompt=content_prompt,
                                             content_embeds=content_embeds, content_scale=content_scale)
-        self.set_scale(scale, self._resolve(blocks))
+        self.set_scale(scale, self.resolve_blocks(blocks))
         kwargs = dict(
             prompt=prompts, negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
             ip_adapter_image_embeds=self.ip_adapter_image_embeds(style, negative, guidance),
