@@ -184,6 +184,13 @@ def _check_image_encoder(model: DictConfig, family: str, cross_attention_dim: in
         check_content_space(vision.projection_dim, text_dim)
 
 
+def check_distributed(distributed_type: str) -> None:
+    """Checkpoints are exact for data parallelism; sharded optimizer state (FSDP, ZeRO) is not saved yet."""
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"ACCELERATE_CONFIG selects {distributed_type}, whose sharded optimizer state these "
+                          "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
+
+
 def validate_config(cfg: DictConfig) -> TrainerConfig:
     """Check the whole config; returns the typed trainer section or raises ``ConfigError``."""
     for key in ("output_dir", "model", "adapter", "blocks", "data", "optim", "logger", "trainer"):

@@ -24,7 +24,7 @@ from train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from train.config import TrainerConfig, target_blocks, validate_config
+from train.config import TrainerConfig, check_distributed, target_blocks, validate_config
 from train.ema import EMA
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.output_dir)
     trackers = instantiate(cfg.logger, run_dir=str(run_dir))
     accelerator = make_accelerator(trainer, trackers, run_dir)
+    check_distributed(str(accelerator.distributed_type).split(".")[-1])
     run = build_run(cfg, trainer, accelerator, run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", trainer.checkpoints_to_keep)
     folder = checkpoint_to_resume(cfg.resume, manager)
