@@ -82,7 +82,8 @@ def benchmark(base: str, adapter: Path, *, steps: int, size: int | None, repeats
 def table(results: dict[str, float], steps: int, size: int | None, device: str) -> str:
     """Markdown table with the overhead relative to no adapter."""
     plain = results["no adapter"]
-    lines = [f"device {device}, {steps} steps, {size or 'default'} px, 1 image per call, median",
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    lines = [f"device {device}{threads}, {steps} steps, {size or 'default'} px, 1 image per call, median",
              "", "| setting | s / image | overhead vs no adapter |", "|---|---|---|"]
     for name, seconds in results.items():
         lines.append(f"| {name} | {seconds:.3f} | {100 * (seconds / plain - 1):+.1f}% |")
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if bool(args.base) != bool(args.adapter):
         parser.error("--base and --adapter go together")
     with tempfile.TemporaryDirectory() as tmp:
