@@ -136,3 +136,30 @@ def test_readme_snippet_content_subtraction_with_embeds(tiny_model_dir, files):
     assert abs(as_uint8(ours) - as_uint8(stock)).max() <= 1
     no_content = generator.generate(style, prompts, num_images=2, steps=STEPS, seed=0)
     assert abs(as_uint8(no_content) - as_uint8(stock)).mean() > 0.5  # subtraction changed the images
+
+
+def test_plus_adapter_matches_stock_and_refuses_content(tiny_model_dir, tmp_path, files):
+    """ip_adapter_plus: hidden-state features (black image as unconditional), no content subtraction."""
+    from instantstyle.adapter import AdapterSpec, install_adapter
+    from instantstyle.models import load_base
+    from instantstyle.pipeline import GenerationError
+
+    base = load_base(tiny_model_dir)
+    torch.manual_seed(2)
+    spec = AdapterSpec("ip_adapter_plus", STYLE, image_embed_dim=32, num_tokens=4, resampler_dim=64)
+    adapter = install_adapter(base.unet, spec)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    path = export_safetensors(adapter, base.unet, tmp_path / "plus.safetensors")
+    from PIL import Image
+
+    image = Image.open(files["image"]).convert("RGB")
+    generator = StyleGenerator.from_pretrained(tiny_model_dir, path)
+    generator.pipe.set_progress_bar_config(disable=True)
+    ours = as_uint8(generator.generate(image, PROMPT, steps=STEPS, seed=0))
+    stock = stock_images(tiny_model_dir, path, {"up": {"block_0": [0.0, 1.0, 0.0]}}, image)
+    assert abs(ours - stock).max() <= 1
+    assert abs(ours - plain_images(tiny_model_dir)).mean() > 1.0
+    with pytest.raises(GenerationError, match="ip_adapter_plus, which works on hidden states"):
+        generator.generate(image, PROMPT, content_prompt="noise", steps=STEPS)
