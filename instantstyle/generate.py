@@ -37,6 +37,7 @@ from .models import BaseModel, BaseModelError, model_family
 from .pipeline import (
     GenerationError,
     attached_adapter,
+    feature_extractor_for,
     load_image,
     load_ip_weights,
     load_pipeline,
@@ -75,6 +76,11 @@ class StyleGenerator:
     def from_pipeline(cls, pipe: StableDiffusionXLPipeline, adapter: str | Path, *,
                       blocks: str | Sequence[str] | None = None) -> StyleGenerator:
         """Load an adapter file into diffusers' IP-Adapter processors of an existing pipeline."""
+        if getattr(pipe, "image_encoder", None) is None:
+            raise GenerationError("the pipeline has no image encoder: load it with "
+                                  "image_encoder=CLIPVisionModelWithProjection.from_pretrained(...)")
+        if pipe.feature_extractor is None:
+            pipe.register_modules(feature_extractor=feature_extractor_for(pipe.image_encoder))
         spec = load_ip_weights(pipe, adapter)
         chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(pipe.unet))
         return cls(pipe, spec, None if chosen is None else list(chosen))
