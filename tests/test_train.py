@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from instantstyle.export import read_adapter_file
 from instantstyle.models import load_base
@@ -31,9 +32,11 @@ def tiny_overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
             "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]
 
 
-def test_training_changes_only_style_adapter_weights(tiny_model_dir, shards, tmp_path):
+def test_training_changes_only_style_adapter_weights(tiny_model_dir, shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sekret-key-123")  # must never reach any file of the run
     cfg = compose(tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "trainer.max_steps=3",
-                                 "trainer.checkpoint_every=0", "optim.lr=1e-3"))
+                                 "trainer.checkpoint_every=0", "optim.lr=1e-3", "logger=tensorboard",
+                                 "trainer.validate_every=2"))
     run = train(cfg)
     fresh = load_base(tiny_model_dir)
     trained_unet = run.base.unet.state_dict()
@@ -63,6 +66,15 @@ def test_training_changes_only_style_adapter_weights(tiny_model_dir, shards, tmp
     assert summary["step"] == 3 and summary["samples_seen"] == 6 and summary["final_loss"] > 0
     assert "model:\n  _target_: train.task.build_base" in (tmp_path / "run" / "config.yaml").read_text()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-00000003"]
+    assert not any(b"sekret-key-123" in p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file())
+
+    # Metrics reach the tracker at every log step.
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").glob("*")))).Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_frac",
+            "val/fixed_batch_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("val/fixed_batch_loss")] == [2]
+    assert all(0 <= e.value <= 1 for e in events.Scalars("perf/data_wait_frac"))
 
 
 def fixed_batch(batch_size: int = 2) -> dict:
@@ -141,3 +153,20 @@ def test_overfits_one_batch(task):
     # Only two small style layers learn on a random base, so the drop is modest (≈2.5%) but steady.
     assert all(later < earlier for earlier, later in zip(curve, curve[1:])), curve
     assert curve[-1] < 0.985 * curve[0], curve
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(task):
+    task, adapter = task
+    batch = fixed_batch()
+
+    def grads() -> list[torch.Tensor]:
+        task.generator.manual_seed(5)
+        task(batch)[0].backward()
+        out = [p.grad.clone() for p in adapter.parameters()]
+        adapter.zero_grad(set_to_none=True)
+        return out
+
+    plain = grads()
+    task.base.unet.enable_gradient_checkpointing()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
+    assert all(g.abs().sum() > 0 for g in plain)
