@@ -96,6 +96,94 @@ def _check_trainer(t: TrainerConfig) -> None:
         raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
 
 
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The ``validation`` section, typed: evaluation metrics on fixed style references during training."""
+
+    styles: str | None = None  # folder of style images; None = off
+    prompts: tuple[str, ...] = ()  # already read from the prompts file
+    every: int = 0  # steps; 0 = off
+    steps: int = 20
+    seeds: tuple[int, ...] = (0,)
+    content_scale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when the loop should evaluate."""
+        return self.styles is not None and self.every > 0
+
+
+def validation_config(section: Any, adapter_type: str = "ip_adapter") -> ValidationConfig:
+    """Typed ``validation`` settings (absent = off); the prompts are read and the style folder checked."""
+    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
+    valid = {f.name for f in fields(ValidationConfig)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"unknown validation key(s) {unknown} — valid: {', '.join(sorted(valid))}")
+    if "seeds" in values:
+        seeds = values["seeds"]
+        values["seeds"] = tuple(seeds) if isinstance(seeds, (list, tuple)) else (seeds,)
+    v = ValidationConfig(**{**values, "prompts": ()})
+    _check_validation_numbers(v)
+    if v.styles is None:
+        if v.every > 0:
+            raise ConfigError(f"validation.every={v.every} needs validation.styles=DIR (style images with .txt "
+                              "content captions), or set validation.every=0")
+        return v
+    _check_styles(v, adapter_type)
+    return ValidationConfig(**{**values, "prompts": _validation_prompts(values.get("prompts"))})
+
+
+def _check_validation_numbers(v: ValidationConfig) -> None:
+    sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (v.height, v.width))
+    checks = [
+        (v.every >= 0, f"validation.every must be ≥ 0 (0 = off), got {v.every}"),
+        (v.steps >= 1, f"validation.steps must be ≥ 1 (denoising steps), got {v.steps}"),
+        (len(v.seeds) > 0 and all(isinstance(s, int) for s in v.seeds), "validation.seeds must be a list of "
+         f"integers, e.g. [0, 1] (got {list(v.seeds)})"),
+        (sizes_ok, f"validation.height/width must be positive multiples of 8, or null (got {v.height}x{v.width})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _check_styles(v: ValidationConfig, adapter_type: str) -> None:
+    """The style folder holds readable images, captioned when content is subtracted."""
+    from instantstyle.evaluate import load_references
+    from instantstyle.pipeline import GenerationError
+
+    try:
+        refs = load_references(v.styles)
+    except GenerationError as err:
+        raise ConfigError(f"validation.styles: {err}") from err
+    if v.content_scale != 0:
+        if adapter_type != "ip_adapter":
+            raise ConfigError(f"validation.content_scale={v.content_scale} needs adapter=ip_adapter "
+                              f"({adapter_type} works on hidden states); set validation.content_scale=0")
+        uncaptioned = [r.name for r in refs if r.caption is None]
+        if uncaptioned:
+            raise ConfigError(f"validation.content_scale={v.content_scale} needs a content caption per style: "
+                              f"add {uncaptioned[0]}.txt in {v.styles} ({len(uncaptioned)} missing)")
+
+
+def _validation_prompts(prompts: Any) -> tuple[str, ...]:
+    """A prompts file (one per line) or a list of prompts."""
+    from instantstyle.evaluate import read_prompts
+    from instantstyle.pipeline import GenerationError
+
+    if isinstance(prompts, str):
+        try:
+            return tuple(read_prompts(prompts))
+        except GenerationError as err:
+            raise ConfigError(f"validation.prompts: {err}") from err
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError("validation.prompts is required: a text file (one prompt per line) or a list of prompts")
+    return tuple(prompts)
+
+
 def check_optimizer(optim: DictConfig) -> None:
     """The optimizer class must import (bitsandbytes for adamw8bit) and lr must be positive."""
     target = str(optim.get("_target_", ""))
@@ -201,6 +289,7 @@ def validate_config(cfg: DictConfig) -> TrainerConfig:
         raise ConfigError(f"adapter.type={cfg.adapter.type!r} — valid: {', '.join(ADAPTER_TYPES)}")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r} — valid: online, offline, disabled")
+    validation_config(cfg.get("validation"), cfg.adapter.type)
     check_optimizer(cfg.optim)
     check_data(cfg.data)
     check_resume(cfg.resume, str(cfg.output_dir))
