@@ -6,12 +6,19 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from tqdm.auto import tqdm
 
-from train.checkpoint import CheckpointManager
+from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter, load_references
+from instantstyle.generate import StyleGenerator
+from train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from train.loggers import ThroughputMeter
 from train.task import DiffusionTask
 
@@ -71,6 +78,63 @@ def fixed_batch_loss(run, batch: dict, seed: int = 0) -> float:
     return float(task(batch)[0])
 
 
+@contextmanager
+def training_state_kept(run) -> Iterator[None]:
+    """Put back what generation changes (RNG streams, adapter scales), so validation never alters training."""
+    rng = capture_rng(run.generator)  # torch CPU/CUDA, numpy, python and the task's noise generator
+    scales = [proc.scale for proc in run.adapter.layers]
+    try:
+        yield
+    finally:
+        restore_rng(rng, run.generator)
+        for proc, scale in zip(run.adapter.layers, scales):
+            proc.scale = scale
+
+
+def evaluate_live(run, refs: list[StyleReference], out_dir: Path) -> dict[str, float | None]:
+    """Metric means of the adapter as it is now; writes metrics.json, metrics.md and grid.png to ``out_dir``."""
+    v = run.validation
+    # The live weights, not EMA: they are what the loss curve describes, and swapping EMA in and out
+    # would be one more thing to restore exactly. Export EMA and run instantstyle.evaluate for it.
+    model = run.accelerator.unwrap_model(run.model)
+    generator = StyleGenerator.from_base(run.base, model.adapter)  # shares the training UNet, restores it after
+    config = EvalConfig(list(v.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
+    # Autocast as in training: frozen nets in the training precision, adapter weights in fp32.
+    with torch.no_grad(), run.accelerator.autocast():
+        return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale))
+
+
+def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
+    """The grid to the trackers that take images (TensorBoard, wandb); none configured = nothing."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    # accelerator.trackers rather than get_tracker(name), which raises for a tracker that is not configured.
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"val/grid": image[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"val/grid": [image]}, step=step)
+
+
+def validate(run, refs: list[StyleReference] | None) -> None:
+    """Evaluate on the main process and log; the other ranks wait at a barrier."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        out_dir = run.run_dir / "eval" / f"step-{run.step:08d}"
+        with training_state_kept(run):
+            means = evaluate_live(run, refs, out_dir)
+        acc.log({f"val/{k}": v for k, v in means.items() if v is not None}, step=run.step)
+        log_grid(acc, out_dir / "grid.png", run.step)
+        run.summary["validation"] = {"step": run.step, **means}
+        log.info("step %d validation: %s (%s)", run.step, means, out_dir)
+    acc.wait_for_everyone()
+
+
+def validation_due(run) -> bool:
+    """Every ``validation.every`` steps and at the last step."""
+    v = run.validation
+    return v.enabled and (run.step % v.every == 0 or run.step == run.trainer.max_steps)
+
+
 def train_step(run, batches, meter: ThroughputMeter) -> tuple[float, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm)."""
     accelerator, losses = run.accelerator, []
@@ -117,6 +181,7 @@ def fit(run, manager: CheckpointManager) -> dict:
     samples_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
     fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
+    refs = load_references(run.validation.styles) if run.validation.enabled and acc.is_main_process else None
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
     start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
     try:
@@ -134,6 +199,8 @@ def fit(run, manager: CheckpointManager) -> dict:
                 save_checkpoint(run, manager)
             if preempted:
                 break
+            if validation_due(run):  # after the checkpoint: a failing evaluation loses no training
+                validate(run, refs)
     finally:
         stop.restore()
         bar.close()

@@ -24,7 +24,14 @@ from train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from train.config import TrainerConfig, check_distributed, target_blocks, validate_config
+from train.config import (
+    TrainerConfig,
+    ValidationConfig,
+    check_distributed,
+    target_blocks,
+    validate_config,
+    validation_config,
+)
 from train.ema import EMA
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
@@ -53,6 +60,7 @@ class Run:
     run_dir: Path
     config_yaml: str
     identity: dict
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     step: int = 0
     summary: dict = field(default_factory=dict)
 
@@ -173,6 +181,7 @@ def train(cfg: DictConfig) -> Run:
     accelerator = make_accelerator(trainer, trackers, run_dir)
     check_distributed(str(accelerator.distributed_type).split(".")[-1])
     run = build_run(cfg, trainer, accelerator, run_dir)
+    run.validation = validation_config(cfg.get("validation"), cfg.adapter.type)  # checked by validate_config
     manager = CheckpointManager(run_dir / "checkpoints", trainer.checkpoints_to_keep)
     folder = checkpoint_to_resume(cfg.resume, manager)
     if folder is not None:
