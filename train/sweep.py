@@ -4,7 +4,8 @@
 
 One row per run folder: the overrides that differ between runs (from ``.hydra/overrides.yaml``),
 its final loss and throughput (``summary.json``), and evaluation means from a ``metrics.json``
-inside the run folder when ``python -m instantstyle.evaluate`` wrote one there.
+inside the run folder when ``python -m instantstyle.evaluate`` wrote one there, else from the
+newest training validation report (``RUN/eval/step-XXXXXXXX/metrics.json``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def read_overrides(run: Path) -> list[str]:
 
 
 def read_metrics(run: Path) -> dict[str, float]:
-    """Means of the first evaluated setting in the run's metrics.json (empty when not evaluated)."""
-    found = sorted(run.glob("metrics.json")) + sorted(run.glob("*/metrics.json"))
+    """Means of the first setting in the run's metrics.json, else its newest validation (empty when neither)."""
+    # An explicit evaluation in the run folder wins; training validation reports are RUN/eval/step-XXXXXXXX/.
+    found = (sorted(run.glob("metrics.json")) + sorted(run.glob("*/metrics.json"))
+             + sorted(run.glob("eval/step-*/metrics.json"), reverse=True))
     if not found:
         return {}
     settings = json.loads(found[0].read_text()).get("settings") or [{}]
