@@ -76,16 +76,25 @@ def text_attention(
     return _merge_heads(out).to(query.dtype), query
 
 
+def cross_attention(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: EncoderStates | None,
+                    attention_mask: torch.Tensor | None, temb: torch.Tensor | None,
+                    branch: DecoupledCrossAttnProcessor | None = None) -> torch.Tensor:
+    """Text cross-attention, plus ``branch``'s scaled image attention when it is given and active."""
+    text, tokens = split_encoder_states(encoder_hidden_states)
+    residual = hidden_states
+    states, shape = _prepare_query(attn, hidden_states, temb)
+    out, query = text_attention(attn, states, text, attention_mask)
+    if branch is not None and tokens is not None and branch.scale != 0:
+        out = out + branch.scale * branch.image_attention(attn, query, tokens)
+    return _finish(attn, out, residual, shape)
+
+
 class TextOnlyCrossAttnProcessor:
     """Cross-attention of a non-target layer: image tokens are ignored, no image branch exists."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **_: object) -> torch.Tensor:
-        text, _tokens = split_encoder_states(encoder_hidden_states)
-        residual = hidden_states
-        states, shape = _prepare_query(attn, hidden_states, temb)
-        out, _query = text_attention(attn, states, text, attention_mask)
-        return _finish(attn, out, residual, shape)
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class DecoupledCrossAttnProcessor(nn.Module):
@@ -116,10 +125,4 @@ class DecoupledCrossAttnProcessor(nn.Module):
 
     def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                 attention_mask=None, temb=None, **_: object) -> torch.Tensor:
-        text, tokens = split_encoder_states(encoder_hidden_states)
-        residual = hidden_states
-        states, shape = _prepare_query(attn, hidden_states, temb)
-        out, query = text_attention(attn, states, text, attention_mask)
-        if tokens is not None and self.scale != 0:
-            out = out + self.scale * self.image_attention(attn, query, tokens)
-        return _finish(attn, out, residual, shape)
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, branch=self)
