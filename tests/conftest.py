@@ -28,3 +28,13 @@ def tiny_base(tiny_model_dir):
     from instantstyle.models import load_base
 
     return load_base(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """Folder of 32 synthetic 64 px samples in 4 shards (with manifest), written once per session."""
+    from data_tools.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, num=32, size=64, per_shard=8)
+    return str(out)

@@ -41,3 +41,9 @@ def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> Non
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of every tensor in a state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def tiny_overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
+    """Hydra overrides for a CPU-sized training run: 64 px, batch 2, no workers."""
+    return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", "data.resolution=64", "data.num_workers=0",
+            "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]

@@ -22,26 +22,13 @@ from train.export import export_checkpoint
 from train.export import main as export_main
 from train.loop import StopSignal
 from train.train import train
+from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 # Cosine warmup, EMA, noise offset and CFG drops: every RNG and state the resume must restore.
 RESUME_ARGS = ("trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.lr_scheduler=cosine",
                "trainer.warmup_steps=1", "trainer.ema=0.9", "trainer.noise_offset=0.05",
                "trainer.record_sample_keys=true", "optim.lr=1e-3", "data.drop_image_prob=0.3")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    from data_tools.synthetic import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num=32, size=64, per_shard=8)
-    return str(out)
-
-
-def tiny_overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
-    return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", "data.resolution=64", "data.num_workers=0",
-            "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from train.loggers import Trackers
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    from data_tools.synthetic import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num=8, size=64, per_shard=4)
-    return str(out)
-
-
 def base_overrides(model_dir: str, shards: str, out) -> list[str]:
     return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", f"output_dir={out}", "data.num_workers=0"]
 

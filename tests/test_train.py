@@ -13,23 +13,9 @@ from instantstyle.models import load_base
 from train.config import compose
 from train.task import DiffusionTask, build_adapter, build_base
 from train.train import train
+from tests.helpers import tiny_overrides
 
 STYLE = "up_blocks.0.attentions.1"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    from data_tools.synthetic import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num=32, size=64, per_shard=8)
-    return str(out)
-
-
-def tiny_overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
-    """CPU-sized run: 64 px, batch 2, no workers."""
-    return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", "data.resolution=64", "data.num_workers=0",
-            "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]
 
 
 def test_training_changes_only_style_adapter_weights(tiny_model_dir, shards, tmp_path, monkeypatch):

@@ -21,21 +21,13 @@ from train.config import ConfigError, compose, validate_config
 from train.loop import training_state_kept
 from train.sweep import read_metrics
 from train.train import train
+from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("style_similarity", "text_alignment", "content_leakage")
 # EMA, noise offset and CFG drops: every random stream and state that validation could disturb.
 RUN_ARGS = ("trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.ema=0.9", "trainer.noise_offset=0.05",
             "optim.lr=1e-3", "data.drop_image_prob=0.3", "logger=tensorboard")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    from data_tools.synthetic import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num=16, size=64, per_shard=8)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +46,6 @@ def styles(tmp_path_factory) -> tuple[str, str]:
     return str(folder), str(prompts)
 
 
-def overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
-    """CPU-sized run: 64 px, batch 2, no workers."""
-    return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", "data.resolution=64", "data.num_workers=0",
-            "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]
-
-
 def validation_args(styles: tuple[str, str], every: int = 2) -> list[str]:
     return [f"validation.styles={styles[0]}", f"validation.prompts={styles[1]}", f"validation.every={every}",
             "validation.steps=2", "validation.content_scale=0.5"]
@@ -76,14 +62,14 @@ def finished(run) -> dict:
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
-    run = train(compose(overrides(tiny_model_dir, shards, out, *RUN_ARGS)))
+    run = train(compose(tiny_overrides(tiny_model_dir, shards, out, *RUN_ARGS)))
     return out, run, finished(run)
 
 
 @pytest.fixture(scope="module")
 def validated(tiny_model_dir, shards, styles, tmp_path_factory):
     out = tmp_path_factory.mktemp("validated")
-    run = train(compose(overrides(tiny_model_dir, shards, out, *RUN_ARGS, *validation_args(styles))))
+    run = train(compose(tiny_overrides(tiny_model_dir, shards, out, *RUN_ARGS, *validation_args(styles))))
     return out, run, finished(run)
 
 
@@ -150,13 +136,13 @@ def test_bad_validation_config_is_one_line_error(tiny_model_dir, shards, styles,
     if "adapter=ip_adapter_plus" in extra:
         extra.append("validation.content_scale=0.5")
     with pytest.raises(ConfigError) as err:
-        validate_config(compose(overrides(tiny_model_dir, shards, tmp_path, *extra)))
+        validate_config(compose(tiny_overrides(tiny_model_dir, shards, tmp_path, *extra)))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_command_line_exits_2_on_missing_styles_folder(tiny_model_dir, shards, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    args = overrides(tiny_model_dir, shards, tmp_path / "run", "validation.styles=/nonexistent/styles",
+    args = tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "validation.styles=/nonexistent/styles",
                      "validation.every=2", "validation.prompts=[a cat]")
     proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
