@@ -2,11 +2,12 @@
 
 Stages, in order, each a fixed number of steps from its own seed (deterministic at a fixed
 thread count): render the dataset → CLIP towers (contrastive, captions name content and
-style) → VAE → object/style classifier (the judge, stored in ``DIR/classifier``) → UNet
-(text to image, with caption dropout for classifier-free guidance). Writes a stock
-diffusers folder in ``make_tiny_model``'s layout plus ``pretrain.json`` (settings, timings).
+style) → VAE → UNet (text to image, with caption dropout for classifier-free guidance);
+then the classifier that judges it (``DIR/classifier``, trained on its own renders). Writes
+a stock diffusers folder in ``make_tiny_model``'s layout; ``instantstyle_base.json`` records
+the settings and per-stage seconds.
 
-    python -m data_tools.pretrain_toy_base --out DIR [--seed 0] [--unet-steps 2000]
+    python -m data_tools.pretrain_toy_base --out DIR [--seed 0] [--unet-steps 2200]
     python -m data_tools.measure_toy_base --base DIR        # the card's figures
 """
 
@@ -20,7 +21,7 @@ from dataclasses import asdict
 import torch
 
 from data_tools import toy_models
-from data_tools.shape_classifier import save_classifier, train_classifier
+from data_tools.shape_classifier import train_judge
 from data_tools.toy_data import render_dataset
 from data_tools.toy_train import Budget, encode_captions, encode_latents, tokenize, train_clip, train_unet, train_vae
 
@@ -31,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=20000, help="synthetic training images (64 px)")
-    p.add_argument("--clip-steps", type=int, default=800)
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--classifier-steps", type=int, default=500)
-    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--clip-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--classifier-steps", type=int, default=1500, help="the judge (shape_classifier)")
+    p.add_argument("--classifier-num", type=int, default=12000, help="renders the judge learns from")
+    p.add_argument("--unet-steps", type=int, default=2200)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results are bitwise fixed per count)")
     return p
 
@@ -63,9 +65,6 @@ def pretrain(args: argparse.Namespace) -> dict:
     lap("clip")
     vae = train_vae(data, plan["vae"], args.seed + 2)
     lap("vae")
-    classifier = train_classifier(data, plan["classifier"].steps, plan["classifier"].batch_size,
-                                  plan["classifier"].lr, args.seed + 3)
-    lap("classifier")
     latents = encode_latents(vae, data.images)
     prompt_embeds, pooled = encode_captions(text_encoder_2, tokenize(tokenizer, data.captions))
     unet = train_unet(latents, prompt_embeds, pooled, plan["unet"], args.seed + 4)
@@ -76,7 +75,11 @@ def pretrain(args: argparse.Namespace) -> dict:
             "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
     out = toy_models.save_toy_base(args.out, unet=unet, vae=vae, text_encoder_2=text_encoder_2,
                                    image_encoder=image_encoder, info=info)
-    save_classifier(classifier, out / "classifier", {"seed": args.seed + 3, "trained_on": "pretraining renders"})
+    # The judge of prompt accuracy learns from its own renders, never from the base's data or outputs.
+    info["classifier_held_out"] = train_judge(out / "classifier", args.classifier_num, args.classifier_steps)
+    lap("classifier")
+    info["seconds"], info["total_seconds"] = seconds, round(sum(seconds.values()), 1)
+    (out / "instantstyle_base.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
 

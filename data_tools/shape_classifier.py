@@ -5,7 +5,7 @@ fill texture (style). Trained on freshly rendered 64 px images with blur and noi
 also reads the softer images a diffusion model produces. It is the judge of the toy base's
 prompt accuracy and of the claim measurement, never trained on generated images.
 
-    python -m data_tools.shape_classifier --out DIR [--num 12000 --steps 600 --seed 1]
+    python -m data_tools.shape_classifier --out DIR [--num 12000 --steps 1500 --seed 1]
 """
 
 from __future__ import annotations
@@ -119,19 +119,24 @@ def accuracy(model: ShapeClassifier, data: ToyData) -> dict[str, float]:
     return {k: float((logits[k].argmax(dim=1) == labels[k]).float().mean()) for k in HEADS}
 
 
+def train_judge(out: str | Path, num: int = 12000, steps: int = 1500, seed: int = 1) -> dict[str, float]:
+    """Train on fresh renders (seed ``seed``), save to ``out``; returns held-out accuracy per head."""
+    model = train_classifier(render_dataset(num, seed=seed), steps, seed=seed)
+    held_out = accuracy(model, render_dataset(1000, seed=seed + 1000, desc="held-out"))
+    save_classifier(model, out, {"seed": seed, "num": num, "steps": steps, "held_out": held_out})
+    return held_out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train on fresh renders, report held-out accuracy, save."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--num", type=int, default=12000, help="training renders")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = train_classifier(render_dataset(args.num, seed=args.seed), args.steps, seed=args.seed)
-    held_out = accuracy(model, render_dataset(1000, seed=args.seed + 1000, desc="held-out"))
-    save_classifier(model, args.out, {"seed": args.seed, "num": args.num, "steps": args.steps, "held_out": held_out})
-    print(json.dumps(held_out))
+    print(json.dumps(train_judge(args.out, args.num, args.steps, args.seed)))
 
 
 if __name__ == "__main__":

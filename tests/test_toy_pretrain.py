@@ -13,14 +13,14 @@ from instantstyle.blocks import block_names, cross_attention_layers
 from instantstyle.models import load_base
 
 TINY_BUDGET = ["--num", "48", "--clip-steps", "2", "--vae-steps", "2", "--classifier-steps", "2",
-               "--unet-steps", "2"]
+               "--classifier-num", "32", "--unet-steps", "2"]
 
 
 def test_pretrain_writes_loadable_deterministic_base(tmp_path):
     pretrain(["--out", str(tmp_path / "a"), *TINY_BUDGET])
     pretrain(["--out", str(tmp_path / "b"), *TINY_BUDGET])
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder_2/model",
-                 "image_encoder/model"):
+                 "image_encoder/model", "classifier/model"):
         a, b = load_file(tmp_path / "a" / f"{part}.safetensors"), load_file(tmp_path / "b" / f"{part}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "a")
