@@ -21,7 +21,10 @@ def write_demo_assets(out: str | Path, num_styles: int = 3) -> tuple[Path, Path]
     out = Path(out)
     styles = out / "styles"
     styles.mkdir(parents=True, exist_ok=True)
-    refs = references(num_styles)
+    refs: list[dict] = []
+    for ref in references(8 * num_styles):  # distinct palettes, so the grid shows different styles
+        if ref["palette"] not in {r["palette"] for r in refs} and len(refs) < num_styles:
+            refs.append(ref)
     for i, ref in enumerate(refs):
         name = f"{i:02d}_{ref['palette']}_{ref['texture']}_{ref['shape']}"
         synthetic.render(ref, 64).save(styles / f"{name}.png")
