@@ -68,3 +68,12 @@ def ground_truth_scores(classifier: ShapeClassifier, images: Sequence[Image.Imag
         "text_alignment": sum(s == prompt_shape for s in labels["shape"]) / n,
         "content_leakage": sum(s == reference["shape"] for s in labels["shape"]) / n,
     }
+
+
+@torch.no_grad()
+def palette_probability(classifier: ShapeClassifier, images: Sequence[Image.Image], palette: str) -> float:
+    """Mean classifier probability of ``palette``: a smooth style score for small samples."""
+    from data_tools.shape_classifier import HEADS, images_to_tensor
+
+    probs = classifier(images_to_tensor(list(images)))["palette"].softmax(dim=1)
+    return float(probs[:, HEADS["palette"].index(palette)].mean())
