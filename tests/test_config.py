@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tmp_path):
-    assert options("model") == ["sd15", "sdxl", "tiny"] and options("blocks") == ["all", "layout", "style", "style_layout"]
+    assert options("model") == ["sd15", "sdxl", "tiny", "toy"] and options("blocks") == ["all", "layout", "style", "style_layout"]
     assert options("adapter") == ["ip_adapter", "ip_adapter_plus"] and options("logger") == ["none", "tensorboard", "wandb"]
     params = [torch.nn.Parameter(torch.zeros(2))]
     for optim in options("optim"):
@@ -54,6 +54,8 @@ def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tm
     sdxl = compose(["model=sdxl", f"output_dir={tmp_path}"]).model
     assert sdxl.path == "stabilityai/stable-diffusion-xl-base-1.0"
     assert sdxl.image_encoder == "h94/IP-Adapter:sdxl_models/image_encoder"
+    toy = instantiate(compose(["model=toy", f"output_dir={tmp_path}"]).model)
+    assert toy.family == "sdxl" and toy.image_encoder.config.image_size == 64
 
 
 def test_custom_block_list_and_experiment_presets(tiny_model_dir, shards, tmp_path):
