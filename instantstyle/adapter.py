@@ -64,12 +64,6 @@ class InstantStyleAdapter(nn.Module):
                 proc.scale = float(scale)
 
 
-def unet_layer_dims(unet: UNet2DConditionModel, layer: str) -> tuple[int, int]:
-    """(hidden_size, cross_attention_dim) of a cross-attention layer, read from its to_k."""
-    out_dim, in_dim = attention_module(unet, layer).to_k.weight.shape
-    return out_dim, in_dim
-
-
 def attention_module(unet: UNet2DConditionModel, layer: str) -> nn.Module:
     """The ``Attention`` module owning a processor name."""
     return unet.get_submodule(layer.removesuffix(".processor"))
@@ -102,7 +96,3 @@ def install_adapter(unet: UNet2DConditionModel, spec: AdapterSpec,
     adapter.requires_grad_(True)
     return adapter
 
-
-def remove_adapter(unet: UNet2DConditionModel) -> None:
-    """Restore plain attention processors everywhere."""
-    unet.set_default_attn_processor()

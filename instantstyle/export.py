@@ -135,9 +135,16 @@ def expected_shapes(unet: UNet2DConditionModel, spec: AdapterSpec) -> dict[str, 
     return shapes
 
 
-def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:
-    """One-line error naming the first key that is missing or has the wrong shape."""
-    for key, shape in expected.items():
+def check_shapes(tensors: dict[str, torch.Tensor], unet: UNet2DConditionModel, spec: AdapterSpec,
+                 path: Path) -> None:
+    """One-line error for a file keyed for another layer count, or naming the first misfit key."""
+    num_layers = len(cross_attention_layers(unet.attn_processors))
+    file_layers = len({k.split(".")[1] for k in tensors if k.startswith("ip_adapter.")})
+    if file_layers != num_layers:
+        # Ids are positions over ALL cross-attention layers: another count means another UNet layout.
+        raise AdapterFileError(f"{path.name} does not fit this base model: it has {file_layers} "
+                               f"cross-attention layers, the base model has {num_layers}")
+    for key, shape in expected_shapes(unet, spec).items():
         if key not in tensors:
             raise AdapterFileError(f"{path.name} does not fit this base model: key {key} is missing")
         if tuple(tensors[key].shape) != shape:
@@ -158,7 +165,7 @@ def load_adapter(path: str | Path, unet: UNet2DConditionModel,
     if blocks != "from_file":
         spec = AdapterSpec(spec.adapter_type, tuple(blocks) if blocks is not None else None,
                            spec.image_embed_dim, spec.num_tokens, spec.resampler_dim, spec.extra)
-    check_shapes(tensors, expected_shapes(unet, spec), path)
+    check_shapes(tensors, unet, spec, path)
     adapter = install_adapter(unet, spec)
     state = {k.removeprefix("image_proj."): v for k, v in tensors.items() if k.startswith("image_proj.")}
     adapter.image_proj.load_state_dict(state)

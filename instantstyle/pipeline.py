@@ -30,7 +30,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .adapter import AdapterSpec, InstantStyleAdapter
 from .blocks import UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
-from .export import AdapterFileError, check_shapes, expected_shapes, read_adapter_file, spec_from_file
+from .export import AdapterFileError, check_shapes, read_adapter_file, spec_from_file
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
 
 
@@ -103,7 +103,7 @@ def read_checked_adapter(path: str | Path, unet: UNet2DConditionModel) -> tuple[
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
     # diffusers needs every cross-attention layer's weights, trained or not.
     everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
-    check_shapes(tensors, expected_shapes(unet, everything), path)
+    check_shapes(tensors, unet, everything, path)
     nested = {group: {k.removeprefix(group + "."): v for k, v in tensors.items() if k.startswith(group + ".")}
               for group in ("image_proj", "ip_adapter")}
     return nested, spec
@@ -223,6 +223,6 @@ def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None
     unet = meta_unet(base)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
     everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
-    check_shapes(tensors, expected_shapes(unet, everything), path)
+    check_shapes(tensors, unet, everything, path)
     chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(unet))
     target_layers(unet, None if chosen is None else list(chosen))

@@ -166,3 +166,15 @@ def test_pickle_payload_in_bin_is_never_executed(tiny_base, tmp_path):
 def test_missing_file_is_a_one_line_error(tiny_base, tmp_path):
     with pytest.raises(AdapterFileError, match="not found"):
         load_adapter(tmp_path / "nope.safetensors", tiny_base.unet)
+
+
+def test_file_for_another_layer_count_is_rejected(tiny_base, tmp_path):
+    """Ids are positions over all layers: a file keyed for another UNet layout must not load shifted."""
+    from instantstyle.models import load_base
+
+    adapter = _trained_adapter(tiny_base.unet, "style", "ip_adapter")
+    tensors, meta = read_adapter_file(export_safetensors(adapter, tiny_base.unet, tmp_path / "a.safetensors"))
+    short = {k: v for k, v in tensors.items() if not k.startswith("ip_adapter.43.")}  # drop the last layer
+    save_file(short, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(AdapterFileError, match="has 21 cross-attention layers, the base model has 22"):
+        load_adapter(tmp_path / "short.safetensors", load_base(tiny_base.path).unet)
