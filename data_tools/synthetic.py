@@ -211,12 +211,21 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def make_sample(index: int, size: int, seed: int, image_format: str = "png") -> Sample:
-    """Sample `index` of the dataset for `seed`: independent of every other index."""
+CAPTION_KINDS = ("full", "content")
+
+
+def make_sample(index: int, size: int, seed: int, image_format: str = "png", captions: str = "full") -> Sample:
+    """Sample `index` of the dataset for `seed`: independent of every other index.
+
+    ``captions="content"`` writes only the object ("a circle") to ``.txt``: the adapter then has to
+    learn the style from the image, as when real captions do not describe the style.
+    """
     rng = np.random.default_rng([seed, index])
     attributes = sample_attributes(rng)
     image = render(attributes, size)
-    text = caption(attributes, rng)
+    text = caption(attributes, rng)  # drawn either way, so both kinds share every other attribute
+    if captions == "content":
+        text = content_caption(attributes)
     bbox = object_mask(attributes, size).getbbox()
     meta = {
         "key": sample_key(index), "width": size, "height": size, "caption": text,
@@ -229,17 +238,19 @@ def make_sample(index: int, size: int, seed: int, image_format: str = "png") -> 
 
 
 def write_synthetic_shards(out: str | Path, num: int, size: int = 128, seed: int = 0, per_shard: int = 1000,
-                           image_format: str = "png") -> Manifest:
+                           image_format: str = "png", captions: str = "full") -> Manifest:
     """Write `num` samples as shards `out/00000.tar…` plus `out/manifest.json`; same seed → same bytes."""
     if num < 1 or size < 16 or per_shard < 1:
         raise ValueError("need --num ≥ 1, --size ≥ 16 and --per-shard ≥ 1")
+    if captions not in CAPTION_KINDS:
+        raise ValueError(f"captions={captions!r}: use one of {', '.join(CAPTION_KINDS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(options={"generator": "synthetic", "num": num, "size": size, "seed": seed,
-                                 "per_shard": per_shard, "format": image_format})
+                                 "per_shard": per_shard, "format": image_format, "captions": captions})
     with tqdm(total=num, desc="synthetic", unit="img") as bar:
         for shard, start in enumerate(range(0, num, per_shard)):
-            samples = [make_sample(i, size, seed, image_format) for i in range(start, min(num, start + per_shard))]
+            samples = [make_sample(i, size, seed, image_format, captions) for i in range(start, min(num, start + per_shard))]
             nbytes = write_shard(out / shard_name(shard), samples)
             manifest.shards.append(ShardRecord(shard_name(shard), len(samples), nbytes, start, start + len(samples)))
             bar.update(len(samples))
@@ -257,8 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per tar shard")
     parser.add_argument("--format", choices=["png", "jpg"], default="png", help="png keeps colours exact")
+    parser.add_argument("--captions", choices=CAPTION_KINDS, default="full",
+                        help="full: content and usually style; content: only the object")
     args = parser.parse_args(argv)
-    manifest = write_synthetic_shards(args.out, args.num, args.size, args.seed, args.per_shard, args.format)
+    manifest = write_synthetic_shards(args.out, args.num, args.size, args.seed, args.per_shard, args.format,
+                                      args.captions)
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}")
 
 

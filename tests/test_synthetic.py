@@ -47,6 +47,15 @@ def test_captions_name_the_object_and_usually_the_style(tmp_path):
     assert 0.1 < content_only < 0.3
 
 
+def test_content_captions_keep_every_image_and_name_only_the_object(tmp_path):
+    syn.write_synthetic_shards(tmp_path / "full", num=20, size=32, seed=0)
+    syn.write_synthetic_shards(tmp_path / "content", num=20, size=32, seed=0, captions="content")
+    full, content = load(tmp_path / "full" / "00000.tar"), load(tmp_path / "content" / "00000.tar")
+    assert all(np.array_equal(f["image"], c["image"]) for f, c in zip(full, content))
+    assert [c["caption"] for c in content] == [f["meta"]["content_caption"] for f in full]
+    assert any(f["caption"] != c["caption"] for f, c in zip(full, content))
+
+
 def test_style_and_content_are_sampled_independently():
     rng = np.random.default_rng(0)
     draws = [syn.sample_attributes(rng) for _ in range(2000)]
