@@ -7,7 +7,7 @@ then the classifier that judges it (``DIR/classifier``, trained on its own rende
 a stock diffusers folder in ``make_tiny_model``'s layout; ``instantstyle_base.json`` records
 the settings and per-stage seconds.
 
-    python -m data_tools.pretrain_toy_base --out DIR [--seed 0] [--unet-steps 2200]
+    python -m data_tools.pretrain_toy_base --out DIR [--seed 0] [--unet-steps 6500]
     python -m data_tools.measure_toy_base --base DIR        # the card's figures
 """
 
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--classifier-steps", type=int, default=1500, help="the judge (shape_classifier)")
     p.add_argument("--classifier-num", type=int, default=12000, help="renders the judge learns from")
-    p.add_argument("--unet-steps", type=int, default=2200)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (results are bitwise fixed per count)")
+    p.add_argument("--unet-steps", type=int, default=6500)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (results are bitwise fixed per count)")
     return p
 
 

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num", type=int, default=12000, help="training renders")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (pretrain_toy_base's default)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     print(json.dumps(train_judge(args.out, args.num, args.steps, args.seed)))
 
 

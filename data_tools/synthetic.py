@@ -61,7 +61,7 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 def sample_attributes(rng: np.random.Generator) -> dict:
     """Draw content (shape, place, scale) and style (palette, texture, stroke, background) independently."""
-    radius = float(rng.uniform(0.18, 0.32))
+    radius = float(rng.uniform(0.22, 0.36))  # large enough that a 16×16 latent resolves the silhouette
     palette, background_colour = _pick(rng, list(PALETTES)), _pick(rng, list(BACKGROUND_COLOURS))
     stroke_colour = _pick(rng, list(STROKE_COLOURS))
     primary, secondary = PALETTES[palette]

@@ -155,8 +155,8 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_unet(latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, budget: Budget,
-               seed: int, drop_prob: float = 0.1, ema_decay: float = 0.995) -> UNet2DConditionModel:
-    """Text-to-image noise prediction; returns the EMA weights (better samples after short runs)."""
+               seed: int, drop_prob: float = 0.1, ema_decay: float = 0.998) -> UNet2DConditionModel:
+    """Text-to-image diffusion under the scheduler's parameterisation; returns the EMA weights."""
     torch.manual_seed(seed)
     unet = toy_models.build_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -174,7 +174,8 @@ def train_unet(latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch
         added = {"text_embeds": pooled[idx] * keep.view(-1, 1), "time_ids": time_ids(len(idx))}
         _set_lr(optimizer, _lr_at(step, budget))
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred, noise)
+        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -89,7 +89,7 @@ def test_rendered_pixels_match_the_attributes():
             is_primary = (inside == primary).all(1)
             # Only palette colours inside (a heart's cusp lets a few outline pixels in).
             assert (is_primary | (inside == secondary).all(1)).mean() > 0.98
-            assert is_primary.mean() >= (0.4 if attrs["texture"] == "checker" else 0.5)  # primary dominates
+            assert is_primary.mean() >= (0.3 if attrs["texture"] == "checker" else 0.5)  # primary dominates (checker: about half)
         outside = np.asarray(syn.object_mask(attrs, size).filter(ImageFilter.MaxFilter(9))) == 0
         if attrs["background"] not in ("gradient",) and outside.any():
             background = np.array(attrs["background_rgb"])

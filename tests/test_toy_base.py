@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from data_tools import toy_models
 from data_tools.measure_claim import references
+from data_tools.measure_toy_base import prompt_accuracy
 from data_tools.shape_classifier import load_classifier
 from data_tools.toy_adapter import palette_probability, reference_image, train_toy_adapter
 from data_tools.toy_data import render_dataset
@@ -17,6 +22,9 @@ SAMPLE_STEPS = 12
 ADAPTER_STEPS = 200  # batch 16, lr 3e-3: about 60 s on a shared core
 MIN_PALETTE_GAIN = 0.05  # mean rise of the classifier's probability of the reference's palette
 REFERENCES = references(2)
+# "a {shape}", 2 images per shape at fixed seeds, 20 steps, CFG 5; chance is 1/8. The card's figure
+# (4 per shape) is re-measured by `python -m data_tools.measure_toy_base`.
+PROMPT_ACCURACY_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +38,29 @@ def test_committed_weights_are_small_safetensors_a_stock_loader_reads():
     assert sum(f.stat().st_size for f in files) <= 30 * 2**20
     base = load_base(str(BASE))  # checks the image encoder and text_encoder_2 share one space
     assert base.family == "sdxl" and base.image_encoder.config.image_size == 64
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(BASE))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_base_draws_the_prompted_object(pipe, classifier):
+    result = prompt_accuracy(pipe, classifier, per_shape=2, seed=0)
+    assert result["accuracy"] >= PROMPT_ACCURACY_FLOOR, result
+
+
+def test_prompt_accuracy_fails_on_an_untrained_unet(pipe, classifier):
+    """The check above can fail: the same pipeline with random UNet weights stays near chance."""
+    trained = pipe.unet
+    try:
+        torch.manual_seed(0)
+        pipe.unet = toy_models.build_unet().eval()
+        assert prompt_accuracy(pipe, classifier, per_shape=2, seed=0)["accuracy"] < PROMPT_ACCURACY_FLOOR / 2
+    finally:
+        pipe.unet = trained
 
 
 def test_style_adapter_moves_palette_toward_the_reference(classifier):
