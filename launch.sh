@@ -2,7 +2,7 @@
 # Train through `accelerate launch -m train` on every local GPU, on one or many machines.
 #
 #   ./launch.sh [hydra overrides]      e.g. ./launch.sh experiment=sdxl_style data.shards='/data/{00000..00999}.tar'
-#   ./launch.sh                        the embedded CPU demo: synthetic shards -> tiny base -> train -> export -> image
+#   ./launch.sh                        the CPU demo: synthetic shards -> toy base -> train -> export -> style grid
 #
 # Environment (all optional):
 #   NUM_MACHINES, MACHINE_RANK, MAIN_ADDRESS, MAIN_PORT   multi-machine rendezvous (filled from SLURM when present)
@@ -69,20 +69,19 @@ launch() {
 }
 
 demo() {
-  local shards=demo/shards model=demo/tiny-sdxl out="outputs/demo-${RUN_NAME}"
-  if [[ -n "${LAUNCH_DRY_RUN:-}" ]]; then launch experiment=demo model.path="$model" data.shards="$shards/*.tar" output_dir="$out"; return; fi
-  [[ -f "$shards/manifest.json" ]] || python -m data_tools.synthetic --out "$shards" --num 256 --size 64 --per-shard 64
-  [[ -d "$model/unet" ]] || python -m data_tools.make_tiny_model --out "$model"
-  launch experiment=demo model.path="$model" data.shards="$shards/*.tar" output_dir="$out"
-  python - "$shards/00000.tar" "$out/style.png" <<'PY'
-import sys, tarfile
-with tarfile.open(sys.argv[1]) as tar:  # the first synthetic image is the style reference
-    member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
-    open(sys.argv[2], "wb").write(tar.extractfile(member).read())
-PY
-  python -m instantstyle.generate --base "$model" --adapter "$out/ip-adapter.safetensors" --style-image "$out/style.png" \
-    --prompt "a circle" --steps 10 --height 64 --width 64 --device cpu --out "$out/sample.png"
-  echo "demo outputs in $out: ip-adapter.safetensors, checkpoints/, summary.json, style.png -> sample.png"
+  # Toy world (data_tools/toy_base, 64 px): shards -> style-block adapter -> export -> style x prompt grid.
+  local shards=demo/shards out="outputs/demo-${RUN_NAME}"
+  local args=(experiment=demo data.shards="$shards/*.tar" output_dir="$out")
+  if [[ -n "${LAUNCH_DRY_RUN:-}" ]]; then launch "${args[@]}"; return; fi
+  [[ -f "$shards/manifest.json" ]] ||
+    python -m data_tools.synthetic --out "$shards" --num 2000 --size 64 --per-shard 500 --captions content
+  [[ -f demo/prompts.txt ]] || python -m data_tools.toy_demo_assets --out demo
+  launch "${args[@]}"
+  python -m instantstyle.evaluate --base data_tools/toy_base --adapter "$out/ip-adapter.safetensors" \
+    --styles demo/styles --prompts demo/prompts.txt --content-scale 0,0.5 --steps 20 --height 64 --width 64 \
+    --cell 96 --out "$out/eval"
+  echo "demo done: adapter $out/ip-adapter.safetensors; grid (style x prompt, without/with content subtraction):"
+  echo "  $out/eval/grid.png   (metrics: $out/eval/metrics.md)"
 }
 
 if (( $# == 0 )); then demo; else launch "$@"; fi

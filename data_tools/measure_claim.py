@@ -29,7 +29,10 @@ from instantstyle.blocks import resolve_blocks
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
 
-BLOCK_SETS = ("style", "style_layout", "all")
+# SDXL's style block, the toy UNet's own style block (found by ``instantstyle.probe_blocks`` on an
+# all-block adapter: see the README), and all blocks. Any preset or block name works (--block-sets).
+TOY_STYLE_BLOCK = "up_blocks.1.attentions.2"
+BLOCK_SETS = ("style", TOY_STYLE_BLOCK, "all")
 SCORES = ("palette_match", "texture_match", "text_alignment", "content_leakage")
 TRAIN_SEED, REFERENCE_SEED = 20_000, 30_000  # disjoint from pretraining and the card's held-out set
 
@@ -64,19 +67,20 @@ def score_setting(generator: StyleGenerator, classifier, refs: list[dict], *, pe
 
 
 def run_claim(base_dir: str, seeds: list[int], *, steps: int, num_refs: int, per_ref: int,
-              content_scale: float, sample_steps: int, num_train: int = 4000) -> list[dict]:
+              content_scale: float, sample_steps: int, num_train: int = 4000,
+              block_sets: tuple[str, ...] = BLOCK_SETS, lr: float = 3e-3) -> list[dict]:
     """One row per (seed, block set, subtraction on/off), plus the no-adapter baseline per seed."""
     classifier = load_classifier(Path(base_dir) / "classifier")
     data = render_dataset(num_train, 64, TRAIN_SEED, desc="adapter data")
     refs, rows = references(num_refs), []
     kwargs = dict(per_ref=per_ref, steps=sample_steps)
     for seed in seeds:
-        for blocks in BLOCK_SETS:
+        for blocks in block_sets:
             base = load_base(base_dir)  # fresh UNet processors for every adapter
-            adapter = train_toy_adapter(base, data, resolve_blocks(blocks), steps=steps, seed=seed)
+            adapter = train_toy_adapter(base, data, resolve_blocks(blocks), steps=steps, lr=lr, seed=seed)
             generator = StyleGenerator.from_base(base, adapter)
             generator.pipe.set_progress_bar_config(disable=True)
-            if blocks == BLOCK_SETS[0]:
+            if blocks == block_sets[0]:
                 rows.append({"seed": seed, "blocks": "none", "subtraction": False,
                              **score_setting(generator, classifier, refs, content_scale=0.0, scale=0.0,
                                              seed=seed, **kwargs)})
@@ -114,16 +118,20 @@ def claim_table(summary: list[dict]) -> str:
 
 
 def verdict(summary: list[dict]) -> dict[str, bool]:
-    """The paper's claims as checks on the means (no subtraction unless named)."""
+    """The paper's claims as checks on the means, for every block set other than all (no subtraction unless named)."""
     m = {(s["blocks"], s["subtraction"]): s for s in summary}
-    style, all_, none = m[("style", False)], m[("all", False)], m[("none", False)]
-    return {
-        "style blocks transfer style (palette above no adapter)": style["palette_match"] > none["palette_match"],
-        "style blocks leak less content than all blocks": style["content_leakage"] < all_["content_leakage"],
-        "style blocks follow the prompt better than all blocks": style["text_alignment"] > all_["text_alignment"],
-        "subtraction lowers leakage of all-block injection": m[("all", True)]["content_leakage"]
-        < all_["content_leakage"],
-    }
+    all_, none = m[("all", False)], m[("none", False)]
+    checks = {}
+    for blocks in dict.fromkeys(s["blocks"] for s in summary):
+        if blocks in ("all", "none"):
+            continue
+        sub = m[(blocks, False)]
+        checks[f"{blocks}: transfers style (palette match above no adapter)"] = sub["palette_match"] > none["palette_match"]
+        checks[f"{blocks}: leaks less content than all blocks"] = sub["content_leakage"] < all_["content_leakage"]
+        checks[f"{blocks}: follows the prompt better than all blocks"] = sub["text_alignment"] > all_["text_alignment"]
+    checks["subtraction lowers leakage of all-block injection"] = (m[("all", True)]["content_leakage"]
+                                                                   < all_["content_leakage"])
+    return checks
 
 
 def claim_plot(summary: list[dict], path: Path) -> None:
@@ -156,14 +164,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=300, help="adapter training steps (batch 16)")
+    p.add_argument("--lr", type=float, default=3e-3, help="adapter learning rate")
     p.add_argument("--refs", type=int, default=8, help="style references")
     p.add_argument("--per-ref", type=int, default=3, help="prompted shapes per reference")
     p.add_argument("--content-scale", type=float, default=1.0, help="λ when subtracting")
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--block-sets", default=",".join(BLOCK_SETS),
+                   help="comma list of presets or block names to train; must include all")
     args = p.parse_args(argv)
+    block_sets = tuple(b.strip() for b in args.block_sets.split(",") if b.strip())
+    if "all" not in block_sets:
+        p.error("--block-sets must include all (the reference for leakage)")
     torch.set_num_threads(1)
     rows = run_claim(args.base, [int(s) for s in args.seeds.split(",")], steps=args.steps, num_refs=args.refs,
-                     per_ref=args.per_ref, content_scale=args.content_scale, sample_steps=args.sample_steps)
+                     per_ref=args.per_ref, content_scale=args.content_scale, sample_steps=args.sample_steps,
+                     block_sets=block_sets, lr=args.lr)
     summary, out = summarise(rows), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = verdict(summary)
