@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_tools import synthetic
+from data_tools import synthetic, toy_models
 from data_tools.shape_classifier import load_classifier
 from data_tools.toy_adapter import ground_truth_scores, reference_image, train_toy_adapter
 from data_tools.toy_data import render_dataset
@@ -29,10 +29,9 @@ from instantstyle.blocks import resolve_blocks
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
 
-# SDXL's style block, the toy UNet's own style block (found by ``instantstyle.probe_blocks`` on an
-# all-block adapter: see the README), and all blocks. Any preset or block name works (--block-sets).
-TOY_STYLE_BLOCK = "up_blocks.1.attentions.2"
-BLOCK_SETS = ("style", TOY_STYLE_BLOCK, "all")
+# SDXL's style block, the toy UNet's own (toy_models.STYLE_BLOCK) and all blocks. Any preset or
+# block name works (--block-sets).
+BLOCK_SETS = ("style", toy_models.STYLE_BLOCK, "all")
 SCORES = ("palette_match", "texture_match", "text_alignment", "content_leakage")
 TRAIN_SEED, REFERENCE_SEED = 20_000, 30_000  # disjoint from pretraining and the card's held-out set
 

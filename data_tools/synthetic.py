@@ -223,9 +223,7 @@ def make_sample(index: int, size: int, seed: int, image_format: str = "png", cap
     rng = np.random.default_rng([seed, index])
     attributes = sample_attributes(rng)
     image = render(attributes, size)
-    text = caption(attributes, rng)  # drawn either way, so both kinds share every other attribute
-    if captions == "content":
-        text = content_caption(attributes)
+    text = content_caption(attributes) if captions == "content" else caption(attributes, rng)
     bbox = object_mask(attributes, size).getbbox()
     meta = {
         "key": sample_key(index), "width": size, "height": size, "caption": text,

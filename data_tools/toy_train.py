@@ -19,6 +19,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from data_tools import toy_models
 from data_tools.toy_data import ToyData, to_clip, to_unit
+from train.task import prediction_target
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,7 @@ def train_unet(latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch
         added = {"text_embeds": pooled[idx] * keep.view(-1, 1), "time_ids": time_ids(len(idx))}
         _set_lr(optimizer, _lr_at(step, budget))
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text, added_cond_kwargs=added).sample
-        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, prediction_target(scheduler, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

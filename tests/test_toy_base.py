@@ -9,13 +9,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from data_tools import toy_models
-from data_tools.measure_claim import TOY_STYLE_BLOCK, references
+from data_tools.measure_claim import references
 from data_tools.measure_toy_base import prompt_accuracy
 from data_tools.shape_classifier import load_classifier
 from data_tools.toy_adapter import palette_probability, reference_image, train_toy_adapter
 from data_tools.toy_data import render_dataset
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
+from train.config import compose
 
 BASE = Path(__file__).resolve().parents[1] / "data_tools" / "toy_base"
 SAMPLE_STEPS = 12
@@ -63,10 +64,15 @@ def test_prompt_accuracy_fails_on_an_untrained_unet(pipe, classifier):
         pipe.unet = trained
 
 
+def test_demo_trains_the_toy_style_block_on_the_toy_base():
+    cfg = compose(["experiment=demo"])
+    assert list(cfg.blocks.targets) == [toy_models.STYLE_BLOCK] and cfg.model.path == "data_tools/toy_base"
+
+
 def test_style_adapter_moves_palette_toward_the_reference(classifier):
     base = load_base(str(BASE))
     # The toy UNet's style block (found by probing), alone: the adapter the demo trains.
-    adapter = train_toy_adapter(base, render_dataset(2000, seed=20_000), [TOY_STYLE_BLOCK], steps=ADAPTER_STEPS,
+    adapter = train_toy_adapter(base, render_dataset(2000, seed=20_000), [toy_models.STYLE_BLOCK], steps=ADAPTER_STEPS,
                                 lr=3e-3, seed=0, progress=False)
     generator = StyleGenerator.from_base(base, adapter)
     generator.pipe.set_progress_bar_config(disable=True)

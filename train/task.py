@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import nn
 
@@ -86,6 +87,17 @@ class Conditioning:
     added_cond_kwargs: dict | None
 
 
+
+def prediction_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What a UNet must predict for ``scheduler``'s ``prediction_type`` (epsilon or v_prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}: use epsilon or v_prediction")
+
 class DiffusionTask:
     """Noise-prediction loss of the adapted UNet; ``task(batch) -> (loss, metrics)``."""
 
@@ -124,12 +136,7 @@ class DiffusionTask:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet must predict under the scheduler's parameterisation."""
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"unsupported prediction_type {kind!r}: use epsilon or v_prediction")
+        return prediction_target(self.scheduler, latents, noise, timesteps)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """MSE, optionally min-SNR-γ weighted per sample (Hang et al. 2023)."""
