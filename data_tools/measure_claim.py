@@ -25,7 +25,7 @@ from data_tools import synthetic, toy_models
 from data_tools.shape_classifier import load_classifier
 from data_tools.toy_adapter import ground_truth_scores, reference_image, train_toy_adapter
 from data_tools.toy_data import render_dataset
-from instantstyle.blocks import resolve_blocks
+from instantstyle.blocks import UnknownBlockError, resolve_blocks
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
 
@@ -175,9 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     if "all" not in block_sets:
         p.error("--block-sets must include all (the reference for leakage)")
     torch.set_num_threads(1)
-    rows = run_claim(args.base, [int(s) for s in args.seeds.split(",")], steps=args.steps, num_refs=args.refs,
-                     per_ref=args.per_ref, content_scale=args.content_scale, sample_steps=args.sample_steps,
-                     block_sets=block_sets, lr=args.lr)
+    try:
+        rows = run_claim(args.base, [int(s) for s in args.seeds.split(",")], steps=args.steps, num_refs=args.refs,
+                         per_ref=args.per_ref, content_scale=args.content_scale, sample_steps=args.sample_steps,
+                         block_sets=block_sets, lr=args.lr)
+    except UnknownBlockError as error:
+        p.error(str(error))
     summary, out = summarise(rows), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = verdict(summary)
