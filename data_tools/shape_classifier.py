@@ -11,6 +11,7 @@ prompt accuracy and of the claim measurement, never trained on generated images.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import json
 from pathlib import Path
 
@@ -142,3 +143,23 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ground_truth_scores(classifier: ShapeClassifier, images: Sequence[Image.Image], reference: dict,
+                        prompt_shape: str) -> dict[str, float]:
+    """Exact-attribute metrics: palette/texture of the reference, prompted shape, reference's shape."""
+    labels = classify(classifier, list(images))
+    n = len(images)
+    return {
+        "palette_match": sum(p == reference["palette"] for p in labels["palette"]) / n,
+        "texture_match": sum(t == reference["texture"] for t in labels["texture"]) / n,
+        "text_alignment": sum(s == prompt_shape for s in labels["shape"]) / n,
+        "content_leakage": sum(s == reference["shape"] for s in labels["shape"]) / n,
+    }
+
+
+@torch.no_grad()
+def palette_probability(classifier: ShapeClassifier, images: Sequence[Image.Image], palette: str) -> float:
+    """Mean classifier probability of ``palette``: a smooth style score for small samples."""
+    probs = classifier(images_to_tensor(list(images)))["palette"].softmax(dim=1)
+    return float(probs[:, HEADS["palette"].index(palette)].mean())

@@ -63,6 +63,23 @@ def to_clip(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def from_unit(images: torch.Tensor) -> torch.Tensor:
-    """Float in [-1, 1] → uint8 (rounded, clipped)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+REFERENCE_SEED = 30_000  # disjoint from pretraining and the card's held-out set
+
+
+def references(count: int) -> list[dict]:
+    """Style references with a textured, coloured object (flat ones carry little style)."""
+    data = render_dataset(count * 3, 64, REFERENCE_SEED, desc="references")
+    textured = [a for a in data.attributes if a["texture"] != "flat"]
+    return textured[:count]
+
+
+def prompt_shapes(reference: dict, count: int) -> list[str]:
+    """``count`` shapes other than the reference's, rotating so every shape gets prompted."""
+    others = [s for s in synthetic.SHAPES if s != reference["shape"]]
+    start = synthetic.SHAPES.index(reference["shape"])
+    return [others[(start + k) % len(others)] for k in range(count)]
+
+
+def reference_image(attributes: dict) -> "Image.Image":
+    """The 64 px render of a sample's attributes (a style reference)."""
+    return synthetic.render(attributes, 64)

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from data_tools import synthetic
-from data_tools.measure_claim import references
+from data_tools.toy_data import references
 
 
 def write_demo_assets(out: str | Path, num_styles: int = 3) -> tuple[Path, Path]:

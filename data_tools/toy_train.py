@@ -19,7 +19,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from data_tools import toy_models
 from data_tools.toy_data import ToyData, to_clip, to_unit
-from train.task import prediction_target
+from instantstyle.diffusion import prediction_target
 
 
 @dataclass(frozen=True)

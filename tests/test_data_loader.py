@@ -16,7 +16,8 @@ from PIL import Image
 
 from data_tools.shards import Manifest, Sample, ShardRecord, shard_name, tar_bytes, write_manifest, write_shard
 from train.data import DataConfig, build_train_loader, decode_sample
-from train.data_stream import StreamPlan, expand_shards
+from data_tools.shards import expand_shards
+from train.data_stream import StreamPlan
 from train.transforms import CLIP_MEAN, CLIP_STD
 
 

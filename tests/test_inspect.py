@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from data_tools import inspect
+from data_tools import check_shards
 from data_tools.shards import Sample, tar_bytes
 from data_tools.synthetic import write_synthetic_shards
 
@@ -22,7 +22,7 @@ def read_samples(path) -> list[Sample]:
 
 def test_clean_shards_pass(tmp_path, capsys):
     write_synthetic_shards(tmp_path, num=12, size=32, seed=0, per_shard=5)
-    assert inspect.main([str(tmp_path)]) == 0
+    assert check_shards.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "00002.tar                       2     0" in out and "total                          12     0" in out
     assert "< 256: 12" in out and "all samples decode" in out
@@ -38,7 +38,7 @@ def test_corrupted_samples_and_truncated_tar_fail_with_names(tmp_path, capsys):
     (tmp_path / "00000.tar").write_bytes(tar_bytes(samples))
     whole = (tmp_path / "00001.tar").read_bytes()
     (tmp_path / "00001.tar").write_bytes(whole[: len(whole) // 2])
-    assert inspect.main([str(tmp_path / "*.tar")]) == 1
+    assert check_shards.main([str(tmp_path / "*.tar")]) == 1
     out = capsys.readouterr().out
     assert "BAD 00000.tar 000000001: truncated image" in out
     assert "BAD 00000.tar 000000002: undecodable image" in out
@@ -52,11 +52,11 @@ def test_manifest_count_mismatch_is_bad(tmp_path, capsys):
     write_synthetic_shards(tmp_path, num=6, size=32, seed=0, per_shard=3)
     samples = read_samples(tmp_path / "00001.tar")
     (tmp_path / "00001.tar").write_bytes(tar_bytes(samples[:2]))  # a sample went missing
-    assert inspect.main([str(tmp_path / "{00000..00001}.tar")]) == 1
+    assert check_shards.main([str(tmp_path / "{00000..00001}.tar")]) == 1
     assert "manifest says 3 samples, shard has 2" in capsys.readouterr().out
 
 
 def test_no_match_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as error:
-        inspect.main([str(tmp_path / "none*.tar")])
+        check_shards.main([str(tmp_path / "none*.tar")])
     assert "matches no shards" in str(error.value) and "\n" not in str(error.value)

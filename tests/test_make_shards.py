@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data_tools.make_shards as ms
-from data_tools import inspect
+from data_tools import check_shards
 from data_tools.shards import read_manifest
 
 
@@ -57,7 +57,7 @@ def check_output(out: Path, expected_sources: list[str], expected_skips: dict[st
     assert manifest.complete and manifest.num_samples == len(expected_sources)
     assert {s["source"]: s["reason"].split(" (")[0] for s in manifest.skipped} == expected_skips
     assert [m["source"] for m in metas(out)] == expected_sources
-    assert inspect.main([str(out)]) == 0
+    assert check_shards.main([str(out)]) == 0
 
 
 def test_folder_with_sidecar_captions(images, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_max_side_and_format_conversion(images, tmp_path):
     assert (meta["original_width"], meta["original_height"]) == (60, 40)
     transparent = Image.open(io.BytesIO(members["000000001.jpg"]))
     assert transparent.mode == "RGB" and transparent.size == (18, 30)
-    assert inspect.main([str(out)]) == 0
+    assert check_shards.main([str(out)]) == 0
 
 
 def test_deterministic_bytes_across_runs_and_workers(images, tmp_path):

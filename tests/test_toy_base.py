@@ -9,14 +9,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from data_tools import toy_models
-from data_tools.measure_claim import references
 from data_tools.measure_toy_base import prompt_accuracy
-from data_tools.shape_classifier import load_classifier
-from data_tools.toy_adapter import palette_probability, reference_image, train_toy_adapter
-from data_tools.toy_data import render_dataset
+from data_tools.shape_classifier import load_classifier, palette_probability
+from data_tools.toy_data import reference_image, references, render_dataset
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
 from train.config import compose
+from train.toy_adapter import train_toy_adapter
 
 BASE = Path(__file__).resolve().parents[1] / "data_tools" / "toy_base"
 SAMPLE_STEPS = 12

@@ -203,7 +203,7 @@ def check_optimizer(optim: DictConfig) -> None:
 def check_data(data: DictConfig) -> None:
     """Data keys are valid and every local shard exists."""
     from train.data import DataConfig
-    from train.data_stream import expand_shards
+    from data_tools.shards import expand_shards
 
     if OmegaConf.is_missing(data, "shards"):
         raise ConfigError("data.shards is required, e.g. data.shards='DIR/*.tar' (python -m data_tools.synthetic "

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data_decode import BadSample, RawSample, decode_caption, decode_meta, image_member, open_image
-from train.data_stream import StreamPlan, expand_shards, shard_sample_counts
+from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
+                               shard_sample_counts)
+from train.data_stream import StreamPlan
 from train.transforms import CLIP_MEAN, CLIP_STD, prepare_image, to_clip_input, to_unit_range
 
 log = logging.getLogger(__name__)

@@ -13,51 +13,13 @@ skips whole shards using the manifest's counts.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from braceexpand import braceexpand
 
-from data_tools.shards import manifest_counts
-from train.data_decode import RawSample, TruncatedTar, iter_samples, open_shard
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Brace patterns, globs, lists, `pipe:` commands and URLs → an ordered list of shard URLs."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for item in specs:
-        for url in braceexpand(str(item)):
-            is_local = not url.startswith("pipe:") and "://" not in url
-            if is_local and any(c in url for c in "*?["):
-                urls.extend(sorted(glob.glob(os.path.expanduser(url))))
-            else:
-                urls.append(os.path.expanduser(url) if is_local else url)
-    if not urls:
-        raise ValueError(f"data.shards={spec!r} matched no shards — give a brace pattern, glob, list or URL")
-    return urls
-
-
-def shard_sample_counts(urls: Sequence[str]) -> list[int | None]:
-    """Sample count of each local shard from the manifest.json next to it (None when unknown)."""
-    cache: dict[str, dict[str, int]] = {}
-    counts: list[int | None] = []
-    for url in urls:
-        if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
-            counts.append(None)
-            continue
-        path = url.removeprefix("file://")
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in cache:
-            try:
-                cache[folder] = manifest_counts(folder)
-            except (ValueError, OSError, TypeError):
-                cache[folder] = {}  # an unreadable manifest only costs us the fast skip
-        counts.append(cache[folder].get(os.path.basename(path)))
-    return counts
+from data_tools.shards import RawSample, TruncatedTar, iter_samples, open_shard
 
 
 @dataclass(frozen=True)

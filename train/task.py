@@ -19,6 +19,7 @@ from torch import nn
 
 from instantstyle.adapter import AdapterSpec, InstantStyleAdapter, install_adapter
 from instantstyle.content import encode_image
+from instantstyle.diffusion import prediction_target
 from instantstyle.export import load_adapter
 from instantstyle.models import BaseModel, encode_prompts, load_base
 
@@ -86,17 +87,6 @@ class Conditioning:
     image_features: torch.Tensor
     added_cond_kwargs: dict | None
 
-
-
-def prediction_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What a UNet must predict for ``scheduler``'s ``prediction_type`` (epsilon or v_prediction)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}: use epsilon or v_prediction")
 
 class DiffusionTask:
     """Noise-prediction loss of the adapted UNet; ``task(batch) -> (loss, metrics)``."""

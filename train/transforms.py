@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train.data_decode import load_image
+from data_tools.shards import decode_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,7 +52,7 @@ def prepare_image(image: Image.Image, resolution: int, clip_size: int, *, random
     if image.format == "JPEG":
         # DCT-domain downscale: decodes up to 8× faster and still leaves both sides ≥ resolution.
         image.draft("RGB", (resolution, resolution))
-    image = load_image(image)
+    image = decode_rgb(image)
     new_w, new_h = resized_size(width, height, resolution)
     top, left = crop_top_left(new_w, new_h, resolution, rng if random_crop else None)
     # Resize only the region that survives the crop: same pixels, less work on wide images.

@@ -1,6 +1,6 @@
 """Seconds per generated image: no adapter vs image branch in the style block only vs in every block.
 
-    python -m instantstyle.bench_inference [--base DIR --adapter FILE --steps 10 --repeats 5]
+    python -m data_tools.bench_inference [--base DIR --adapter FILE --steps 10 --repeats 5]
 
 Without ``--base`` it builds the tiny model in a temporary folder and exports a random
 adapter trained on every block (so "all blocks" really computes an image branch everywhere).
@@ -26,11 +26,11 @@ if __name__ == "__main__":
 import torch
 from PIL import Image
 
-from .adapter import AdapterSpec, install_adapter
-from .export import export_safetensors
-from .generate import StyleGenerator
-from .models import load_base
-from .pipeline import load_pipeline
+from instantstyle.adapter import AdapterSpec, install_adapter
+from instantstyle.export import export_safetensors
+from instantstyle.generate import StyleGenerator
+from instantstyle.models import load_base
+from instantstyle.pipeline import load_pipeline
 
 
 def tiny_setup(folder: Path) -> tuple[str, Path]:

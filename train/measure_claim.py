@@ -8,7 +8,7 @@ The paper's finding holds here if style-only injection keeps most of the style t
 all-block injection while leaking less content and following the prompt better, and if
 subtraction lowers leakage further.
 
-    python -m data_tools.measure_claim --base data_tools/toy_base --out claim [--seeds 0,1 --steps 300]
+    python -m train.measure_claim --base data_tools/toy_base --out claim [--seeds 0,1 --steps 300]
 """
 
 from __future__ import annotations
@@ -22,32 +22,18 @@ import torch
 from tqdm import tqdm
 
 from data_tools import synthetic, toy_models
-from data_tools.shape_classifier import load_classifier
-from data_tools.toy_adapter import ground_truth_scores, reference_image, train_toy_adapter
-from data_tools.toy_data import render_dataset
+from data_tools.shape_classifier import ground_truth_scores, load_classifier
+from data_tools.toy_data import prompt_shapes, reference_image, references, render_dataset
 from instantstyle.blocks import UnknownBlockError, resolve_blocks
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
+from train.toy_adapter import train_toy_adapter
 
 # SDXL's style block, the toy UNet's own (toy_models.STYLE_BLOCK) and all blocks. Any preset or
 # block name works (--block-sets).
 BLOCK_SETS = ("style", toy_models.STYLE_BLOCK, "all")
 SCORES = ("palette_match", "texture_match", "text_alignment", "content_leakage")
-TRAIN_SEED, REFERENCE_SEED = 20_000, 30_000  # disjoint from pretraining and the card's held-out set
-
-
-def references(count: int) -> list[dict]:
-    """Style references with a textured, coloured object (flat ones carry little style)."""
-    data = render_dataset(count * 3, 64, REFERENCE_SEED, desc="references")
-    textured = [a for a in data.attributes if a["texture"] != "flat"]
-    return textured[:count]
-
-
-def prompt_shapes(reference: dict, count: int) -> list[str]:
-    """``count`` shapes other than the reference's, rotating so every shape gets prompted."""
-    others = [s for s in synthetic.SHAPES if s != reference["shape"]]
-    start = synthetic.SHAPES.index(reference["shape"])
-    return [others[(start + k) % len(others)] for k in range(count)]
+TRAIN_SEED = 20_000  # disjoint from pretraining, the card's held-out set and the references
 
 
 def score_setting(generator: StyleGenerator, classifier, refs: list[dict], *, per_ref: int, content_scale: float,

@@ -1,4 +1,4 @@
-"""Train and score InstantStyle adapters on the toy base, in memory (tests and the claim measurement).
+"""Train InstantStyle adapters on the toy base, in memory (tests and the claim measurement).
 
 Batches come straight from rendered samples instead of shards, and the diffusion math is
 the training code's own ``DiffusionTask``. Captions name only the content and are often
@@ -11,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from data_tools import synthetic
-from data_tools.shape_classifier import ShapeClassifier, classify
 from data_tools.toy_data import ToyData, to_clip, to_unit
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.models import BaseModel
@@ -50,30 +48,3 @@ def train_toy_adapter(base: BaseModel, data: ToyData, blocks: Sequence[str] | No
         loss.backward()
         optimizer.step()
     return adapter.eval().requires_grad_(False)
-
-
-def reference_image(attributes: dict) -> Image.Image:
-    """The 64 px render of a sample's attributes (a style reference)."""
-    return synthetic.render(attributes, 64)
-
-
-def ground_truth_scores(classifier: ShapeClassifier, images: Sequence[Image.Image], reference: dict,
-                        prompt_shape: str) -> dict[str, float]:
-    """Exact-attribute metrics: palette/texture of the reference, prompted shape, reference's shape."""
-    labels = classify(classifier, list(images))
-    n = len(images)
-    return {
-        "palette_match": sum(p == reference["palette"] for p in labels["palette"]) / n,
-        "texture_match": sum(t == reference["texture"] for t in labels["texture"]) / n,
-        "text_alignment": sum(s == prompt_shape for s in labels["shape"]) / n,
-        "content_leakage": sum(s == reference["shape"] for s in labels["shape"]) / n,
-    }
-
-
-@torch.no_grad()
-def palette_probability(classifier: ShapeClassifier, images: Sequence[Image.Image], palette: str) -> float:
-    """Mean classifier probability of ``palette``: a smooth style score for small samples."""
-    from data_tools.shape_classifier import HEADS, images_to_tensor
-
-    probs = classifier(images_to_tensor(list(images)))["palette"].softmax(dim=1)
-    return float(probs[:, HEADS["palette"].index(palette)].mean())

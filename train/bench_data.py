@@ -1,6 +1,6 @@
 """Throughput of our shard pipeline vs the IP-Adapter tutorial's loading, same workers and batch size.
 
-    python -m data_tools.bench_data [--num 1000 --side 1500 --workers 2 --resolution 1024]
+    python -m train.bench_data [--num 1000 --side 1500 --workers 2 --resolution 1024]
 
 Both produce SDXL pixels at `--resolution` plus a 224 px CLIP input; neither
 tokenises (the training task does that). Images are photo-like JPEGs
