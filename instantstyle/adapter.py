@@ -8,8 +8,10 @@ the image projection and the target layers' ``to_k_ip``/``to_v_ip``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -29,7 +31,23 @@ class AdapterSpec:
     image_embed_dim: int = 1280
     num_tokens: int = 4
     resampler_dim: int = 1280
-    extra: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, str] = field(default_factory=dict)  # base_model, image_encoder, step: provenance
+
+    def to_metadata(self) -> dict[str, str]:
+        """The spec as strings: export header metadata and checkpoint identity are both this."""
+        blocks = list(self.blocks) if self.blocks is not None else "all"
+        return {"adapter_type": self.adapter_type, "target_blocks": json.dumps(blocks),
+                "num_tokens": str(self.num_tokens), "image_embed_dim": str(self.image_embed_dim),
+                "resampler_dim": str(self.resampler_dim), **{k: str(v) for k, v in self.extra.items()}}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "AdapterSpec":
+        """Inverse of ``to_metadata`` (also reads milestone-1 checkpoint identities, whose values were not strings)."""
+        blocks = meta.get("target_blocks", "all")
+        blocks = json.loads(blocks) if isinstance(blocks, str) and blocks[:1] in '["' else blocks
+        extra = {k: str(meta[k]) for k in ("base_model", "image_encoder", "step") if k in meta}
+        return cls(str(meta["adapter_type"]), None if blocks == "all" else tuple(blocks), int(meta["image_embed_dim"]),
+                   int(meta["num_tokens"]), int(meta.get("resampler_dim", 1280)), extra)
 
 
 class InstantStyleAdapter(nn.Module):

@@ -21,7 +21,7 @@ from train.config import compose
 from train.export import export_checkpoint
 from train.export import main as export_main
 from train.loop import StopSignal
-from train.train import train
+from train.training import train
 from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from train.config import CONFIG_DIR, ConfigError, compose, target_blocks, trainer_config, validate_config
+from train.checks import target_blocks, validate_config
+from train.config import CONFIG_DIR, ConfigError, compose, trainer_config
 from train.loggers import Trackers
 
 REPO = Path(__file__).resolve().parents[1]

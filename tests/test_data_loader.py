@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from data_tools.shards import Manifest, Sample, ShardRecord, shard_name, tar_bytes, write_manifest, write_shard
-from train.data import DataConfig, build_train_loader, decode_sample
+from train.config import CLIP_MEAN, CLIP_STD, DataConfig, section
+from train.data import build_train_loader, decode_sample
 from data_tools.shards import expand_shards
 from train.data_stream import StreamPlan
-from train.transforms import CLIP_MEAN, CLIP_STD
+
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
@@ -142,7 +143,7 @@ def _bad_dataset(root: Path) -> tuple[set[str], Counter]:
 
 def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path):
     good, reasons = _bad_dataset(tmp_path)
-    cfg = DataConfig.from_cfg(data_cfg(tmp_path, max_image_pixels=48 * 48))
+    cfg = section(data_cfg(tmp_path, max_image_pixels=48 * 48), "data", DataConfig)
     plan = StreamPlan(tuple(expand_shards(cfg.shards)), (None, None), seed=0, stream=0, num_streams=1,
                       shuffle_buffer=4)
     seen, counted = set(), Counter()
@@ -242,9 +243,9 @@ def test_shard_specs_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="matched no shards"):
         expand_shards(str(tmp_path / "nothing*.tar"))
     with pytest.raises(ValueError, match="unknown data key"):
-        DataConfig.from_cfg({"shards": "x", "resolutoin": 5})
+        section({"shards": "x", "resolutoin": 5}, "data", DataConfig)
     with pytest.raises(ValueError, match="sum to"):
-        DataConfig.from_cfg({"shards": "x", "drop_image_prob": 0.6, "drop_text_prob": 0.6})
+        section({"shards": "x", "drop_image_prob": 0.6, "drop_text_prob": 0.6}, "data", DataConfig)
 
 
 def test_yaml_config_is_the_default_layout():
@@ -252,7 +253,7 @@ def test_yaml_config_is_the_default_layout():
 
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs/data/webdataset.yaml")
     cfg.shards = "x/*.tar"
-    data = DataConfig.from_cfg(cfg)
+    data = section(cfg, "data", DataConfig)
     assert (data.resolution, data.clip_image_size, data.center_crop, data.random_crop) == (1024, 224, True, False)
     assert data.clip_mean == CLIP_MEAN and data.clip_std == CLIP_STD and data.max_image_pixels == 178956970
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = '''
 import json, sys
 from safetensors.torch import save_file
-import train.checkpoint as checkpoint, train.train as trainer
+import train.checkpoint as checkpoint, train.training as trainer
 from train.config import compose
 out, calls = sys.argv[1], []
 save, export = checkpoint.CheckpointManager.save, trainer.export_safetensors

@@ -12,7 +12,7 @@ from instantstyle.export import read_adapter_file
 from instantstyle.models import load_base
 from train.config import compose
 from train.task import DiffusionTask, build_adapter, build_base
-from train.train import train
+from train.training import train
 from tests.helpers import tiny_overrides
 
 STYLE = "up_blocks.0.attentions.1"

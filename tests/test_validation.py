@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from train.checkpoint import capture_rng
-from train.config import ConfigError, compose, validate_config
+from train.checks import validate_config
+from train.config import ConfigError, compose
 from train.loop import training_state_kept
 from train.sweep import read_metrics
-from train.train import train
+from train.training import train
 from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ USER_ERRORS = (ConfigError, CheckpointError)
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from train.train import train
+    from train.training import train
 
     try:
         train(cfg)

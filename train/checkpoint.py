@@ -14,7 +14,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -141,8 +141,35 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+class Stateful(Protocol):
+    """Anything a checkpoint holds: the adapter, optimizer, schedule, EMA, a rank's RNG and data position."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+def save_parts(manager: "CheckpointManager", step: int, parts: Mapping[str, Stateful], ranks: list,
+               trainer_state: dict, config_yaml: str) -> Path:
+    """Write every part's state (and every rank's, gathered) as one checkpoint."""
+    states = {name: part.state_dict() for name, part in parts.items()}
+    return manager.save(step, {**states, "ranks": ranks}, trainer_state, config_yaml)
+
+
+def load_parts(folder: str | Path, parts: Mapping[str, Stateful], rank: int, rank_part: Stateful) -> dict:
+    """Load a checkpoint into the same named parts ``save_parts`` wrote; returns its trainer_state."""
+    states, trainer_state = load_checkpoint(folder, [*parts, "ranks"])
+    for name, part in parts.items():
+        if name not in states:
+            raise CheckpointError(f"{Path(folder).name} has no {name} state (was it saved with other settings, "
+                                  "e.g. trainer.ema off?); use resume=none or the same settings")
+        part.load_state_dict(states[name])
+    rank_part.load_state_dict(states["ranks"][rank])
+    return trainer_state
+
+
 def load_checkpoint(folder: str | Path, names: list[str]) -> tuple[dict[str, Any], dict]:
-    """(states by name, trainer_state) of a complete checkpoint; missing optional states are skipped."""
+    """(states by name, trainer_state) of a complete checkpoint; states it does not hold are left out."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); use resume=auto or another one")
@@ -152,11 +179,50 @@ def load_checkpoint(folder: str | Path, names: list[str]) -> tuple[dict[str, Any
 
 def check_compatible(saved: dict, current: dict, folder: Path) -> None:
     """One-line error when a checkpoint comes from another base model, block set or world size."""
-    for key, what in (("base_model", "base model"), ("target_blocks", "block set"), ("adapter_type", "adapter type"),
-                      ("num_tokens", "number of image tokens"), ("world_size", "number of processes")):
-        if saved.get(key) != current.get(key):
-            raise CheckpointError(f"{folder.name} was trained with {what} {saved.get(key)!r}, this run has "
-                                  f"{current.get(key)!r}; use the same setting, resume=none or another output_dir")
+    from instantstyle.adapter import AdapterSpec
+
+    old, new = AdapterSpec.from_metadata(saved), AdapterSpec.from_metadata(current)
+
+    def blocks(spec: AdapterSpec) -> list[str] | str:
+        return list(spec.blocks) if spec.blocks is not None else "all"
+
+    pairs = [("base model", old.extra.get("base_model"), new.extra.get("base_model")),
+             ("block set", blocks(old), blocks(new)), ("adapter type", old.adapter_type, new.adapter_type),
+             ("number of image tokens", old.num_tokens, new.num_tokens),
+             ("number of processes", saved.get("world_size"), current.get("world_size"))]
+    for what, was, now in pairs:
+        if str(was) != str(now):
+            raise CheckpointError(f"{folder.name} was trained with {what} {was!r}, this run has {now!r}; "
+                                  "use the same setting, resume=none or another output_dir")
+
+
+def gather_json(obj: Any, accelerator) -> list:
+    """Every rank's JSON-able ``obj``, on every rank.
+
+    ``accelerate.utils.gather_object`` would do this by pickling; bytes of JSON in a tensor keep
+    the promise that nothing in this project is ever unpickled.
+    """
+    if accelerator.num_processes == 1:
+        return [obj]
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=accelerator.device)
+    sizes = accelerator.gather(torch.tensor([data.numel()], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(data, dim=0)
+    rows = accelerator.gather(padded).view(accelerator.num_processes, -1)
+    return [json.loads(bytes(row[:n].tolist()).decode()) for row, n in zip(rows.cpu(), sizes)]
+
+
+class RankState:
+    """One rank's part of a checkpoint: its RNG streams and its data position."""
+
+    def __init__(self, generator: torch.Generator, loader: Stateful) -> None:
+        self.generator, self.loader = generator, loader
+
+    def state_dict(self) -> dict:
+        return {"rng": capture_rng(self.generator), "data": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_rng(state["rng"], self.generator)
+        self.loader.load_state_dict(state["data"])
 
 
 def capture_rng(generator: torch.Generator) -> dict:

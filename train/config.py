@@ -1,113 +1,226 @@
-"""Validate the composed training config in one place, before anything heavy is loaded.
+"""One typed schema per config group: the single source of defaults, types and value ranges.
 
-Every problem becomes a ``ConfigError`` whose message is one line that says what to do;
-``python -m train`` prints it and exits 2 without a traceback.
+Each dataclass is registered with Hydra's ConfigStore and ``configs/train.yaml`` starts from
+``train_schema``, so the YAML files only choose and override: an unknown key or a value of
+the wrong type fails while composing, and ``__post_init__`` range checks fail when a section
+becomes typed (``settings``). Every failure is a ``ConfigError`` whose message is one line.
+This module imports no torch or diffusers, so config mistakes are reported in about a second.
 """
 
 from __future__ import annotations
 
-import glob
-import importlib
-import os
-from dataclasses import dataclass, fields
+import difflib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from instantstyle.blocks import PRESET_NAMES, UnknownBlockError, resolve_blocks, select_layers
-from instantstyle.content import ContentSpaceMismatch, check_content_space
-from instantstyle.models import BaseModelError, resolve_image_encoder
-from instantstyle.projection import ADAPTER_TYPES
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAPTER_TYPES = ("ip_adapter", "ip_adapter_plus")
+LOGGERS = ("none", "tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation (the image processors' default)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one actionable line."""
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The ``trainer`` section, typed."""
-
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    checkpoints_to_keep: int = 3
-    seed: int = 42
-    noise_offset: float = 0.0
-    snr_gamma: float | None = None
-    ema: float | None = None
-    log_every: int = 10
-    validate_every: int = 0
-    record_sample_keys: bool = False
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        """dtype of the frozen networks."""
-        return DTYPES[self.mixed_precision]
-
-
-def trainer_config(section: Any) -> TrainerConfig:
-    """Typed trainer settings; unknown keys and bad ranges are errors."""
-    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-    valid = {f.name for f in fields(TrainerConfig)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ConfigError(f"unknown trainer key(s) {unknown} — valid: {', '.join(sorted(valid))}")
-    if values.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-        values["mixed_precision"] = "no"
-    cfg = TrainerConfig(**values)
-    _check_trainer(cfg)
-    return cfg
-
-
-def _check_trainer(t: TrainerConfig) -> None:
-    checks = [
-        (t.batch_size >= 1, f"trainer.batch_size must be ≥ 1 (got {t.batch_size})"),
-        (t.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps must be ≥ 1"),
-        (t.max_steps >= 1, f"trainer.max_steps must be ≥ 1 (got {t.max_steps})"),
-        (t.lr_scheduler in LR_SCHEDULERS, f"trainer.lr_scheduler={t.lr_scheduler!r} — valid: {', '.join(LR_SCHEDULERS)}"),
-        (t.warmup_steps >= 0, "trainer.warmup_steps must be ≥ 0"),
-        (t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm must be > 0, or null for no clipping"),
-        (t.mixed_precision in PRECISIONS, f"trainer.mixed_precision={t.mixed_precision!r} — valid: {', '.join(PRECISIONS)}"),
-        (t.checkpoint_every >= 0, "trainer.checkpoint_every must be ≥ 0 (0 = only at the end)"),
-        (t.checkpoints_to_keep >= 1, "trainer.checkpoints_to_keep must be ≥ 1"),
-        (t.noise_offset >= 0, "trainer.noise_offset must be ≥ 0"),
-        (t.snr_gamma is None or t.snr_gamma > 0, "trainer.snr_gamma must be > 0 (e.g. 5.0), or null"),
-        (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
-        (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
-    ]
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ``ConfigError`` with the message of the first failed check."""
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
 
 
-@dataclass(frozen=True)
+@dataclass
+class ModelConfig:
+    """``model``: the frozen base (built by ``train.task.build_base``)."""
+
+    _target_: str = "train.task.build_base"
+    path: str = MISSING                 # diffusers folder or hub id of the base
+    image_encoder: Optional[str] = None  # REPO:SUBFOLDER or a folder; null = PATH/image_encoder
+    check_content_space: bool = True    # image and text embeddings must share one space (content subtraction)
+    build_if_missing: bool = False      # make the tiny random base at PATH on first use
+
+
+@dataclass
+class AdapterConfig:
+    """``adapter``: what is trained (built by ``train.task.build_adapter`` on the base)."""
+
+    _target_: str = "train.task.build_adapter"
+    _partial_: bool = True
+    type: str = "ip_adapter"            # ip_adapter | ip_adapter_plus
+    num_tokens: int = 4
+    resampler_dim: int = 1280           # Plus only: resampler width (1280 matches the public SDXL Plus files)
+    init_from: Optional[str] = None     # an exported or public IP-Adapter .safetensors/.bin to start from
+
+    def __post_init__(self) -> None:
+        require([(self.type in ADAPTER_TYPES, f"adapter.type={self.type!r} — valid: {', '.join(ADAPTER_TYPES)}"),
+                 (self.num_tokens >= 1 and self.resampler_dim >= 1, "adapter.num_tokens and adapter.resampler_dim must be ≥ 1")])
+
+
+@dataclass
+class BlocksConfig:
+    """``blocks``: which cross-attention blocks get an image branch (``instantstyle.blocks.resolve_blocks``)."""
+
+    preset: str = "style"                    # style | layout | style_layout | all (resolved per model family)
+    targets: Optional[List[str]] = None      # a custom list of block prefixes; wins over the preset
+
+
+@dataclass
+class DataConfig:
+    """``data``: WebDataset shards → SDXL batches (``train.data.build_train_loader``)."""
+
+    shards: Any = MISSING            # brace pattern, glob, list, pipe: command or fsspec URL
+    resolution: int = 1024           # shorter side resized to this, then cropped square
+    clip_image_size: int = 224       # image-encoder input, resized (bicubic) from the training crop
+    random_crop: bool = False
+    center_crop: bool = True
+    random_flip: bool = False        # crop_coords_top_left is mirrored to match
+    shuffle_buffer: int = 1000       # samples shuffled per block (held encoded, per worker)
+    num_workers: int = 4             # DataLoader workers per rank; each reads its own shards
+    prefetch_factor: int = 2
+    drop_image_prob: float = 0.05    # classifier-free guidance: image embedding zeroed
+    drop_text_prob: float = 0.05     # caption replaced by ""
+    drop_both_prob: float = 0.05     # both dropped
+    max_image_pixels: int = 178956970  # decompression-bomb guard (2× PIL's default); bigger images are skipped
+    clip_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    clip_std: List[float] = field(default_factory=lambda: list(CLIP_STD))
+
+    def __post_init__(self) -> None:
+        drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
+        require([
+            (self.resolution > 0 and self.clip_image_size > 0, "data.resolution and data.clip_image_size must be > 0"),
+            (self.random_crop or self.center_crop, "set data.center_crop=true or data.random_crop=true: batches need square crops"),
+            (0 <= min(self.drop_image_prob, self.drop_text_prob, self.drop_both_prob) and drops <= 1,
+             f"data.drop_*_prob must be ≥ 0 and sum to ≤ 1 (they sum to {drops})"),
+            (self.num_workers >= 0 and self.shuffle_buffer >= 0, "data.num_workers and data.shuffle_buffer must be ≥ 0"),
+            (self.prefetch_factor >= 1, "data.prefetch_factor must be ≥ 1"),
+            (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
+            (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
+        ])
+        self.clip_mean, self.clip_std = tuple(self.clip_mean), tuple(self.clip_std)
+
+
+@dataclass
+class OptimConfig:
+    """``optim``: the optimizer class over the adapter's parameters (``_partial_``: the trainer passes them)."""
+
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    _convert_: str = "all"
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+
+    def __post_init__(self) -> None:
+        require([(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})"),
+                 (self.weight_decay >= 0 and self.eps > 0, "optim.weight_decay must be ≥ 0 and optim.eps > 0")])
+
+
+@dataclass
+class LoggerConfig:
+    """``logger``: experiment trackers through Accelerate (``train.loggers.build_trackers``)."""
+
+    _target_: str = "train.loggers.build_trackers"
+    name: str = "none"                 # none | tensorboard | wandb
+    project: str = "instantstyle"
+    mode: str = "offline"              # wandb: online | offline (sync later: wandb sync RUN/wandb) | disabled
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require([(self.name in LOGGERS, f"logger.name={self.name!r} — valid: {', '.join(LOGGERS)}"),
+                 (self.mode in WANDB_MODES, f"logger.mode={self.mode!r} — valid: {', '.join(WANDB_MODES)}")])
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: the loop's settings."""
+
+    batch_size: int = 4                  # per process; global batch = batch_size × accumulation × processes
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000                # optimizer steps
+    lr_scheduler: str = "constant"       # constant | cosine | linear, each after linear warmup
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0  # null = no clipping (the norm is still logged)
+    mixed_precision: str = "no"          # no | fp16 | bf16: frozen nets run in it, adapter weights stay fp32
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    checkpoint_every: int = 500          # steps; 0 = only at the end and on preemption
+    checkpoints_to_keep: int = 3
+    seed: int = 42
+    noise_offset: float = 0.0            # e.g. 0.05: lets the model learn very dark/bright images
+    snr_gamma: Optional[float] = None    # e.g. 5.0: min-SNR-γ loss weighting
+    ema: Optional[float] = None          # e.g. 0.999: EMA decay of the adapter weights (exported when set)
+    log_every: int = 10
+    validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
+    record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        t = self
+        require([
+            (t.batch_size >= 1, f"trainer.batch_size must be ≥ 1 (got {t.batch_size})"),
+            (t.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps must be ≥ 1"),
+            (t.max_steps >= 1, f"trainer.max_steps must be ≥ 1 (got {t.max_steps})"),
+            (t.lr_scheduler in LR_SCHEDULERS, f"trainer.lr_scheduler={t.lr_scheduler!r} — valid: {', '.join(LR_SCHEDULERS)}"),
+            (t.warmup_steps >= 0, "trainer.warmup_steps must be ≥ 0"),
+            (t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm must be > 0, or null for no clipping"),
+            (t.mixed_precision in PRECISIONS, f"trainer.mixed_precision={t.mixed_precision!r} — valid: {', '.join(PRECISIONS)}"),
+            (t.checkpoint_every >= 0, "trainer.checkpoint_every must be ≥ 0 (0 = only at the end)"),
+            (t.checkpoints_to_keep >= 1, "trainer.checkpoints_to_keep must be ≥ 1"),
+            (t.seed >= 0, f"trainer.seed must be ≥ 0 (got {t.seed})"),
+            (t.noise_offset >= 0, "trainer.noise_offset must be ≥ 0"),
+            (t.snr_gamma is None or t.snr_gamma > 0, "trainer.snr_gamma must be > 0 (e.g. 5.0), or null"),
+            (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
+            (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
+        ])
+
+    @property
+    def weight_dtype(self):
+        """dtype of the frozen networks."""
+        import torch
+
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
+
+
+@dataclass
 class ValidationConfig:
-    """The ``validation`` section, typed: evaluation metrics on fixed style references during training."""
+    """``validation``: evaluation metrics on fixed style references during training.
 
-    styles: str | None = None  # folder of style images; None = off
-    prompts: tuple[str, ...] = ()  # already read from the prompts file
-    every: int = 0  # steps; 0 = off
-    steps: int = 20
-    seeds: tuple[int, ...] = (0,)
-    content_scale: float = 0.0
-    height: int | None = None
-    width: int | None = None
+    Every ``every`` steps and at the end, the live adapter (not EMA) generates styles × prompts × seeds;
+    the report goes to RUN/eval/step-XXXXXXXX/ (metrics.json, metrics.md, grid.png), the means to the
+    trackers as val/*, the grid as the image val/grid.
+    """
+
+    styles: Optional[str] = None     # folder of style images (+ a .txt content caption beside each); null = off
+    prompts: Any = None              # text file (one prompt per line) or a list, e.g. ["a cat", "a house"]
+    every: int = 0                   # steps between evaluations; 0 = off
+    steps: int = 20                  # denoising steps per image
+    seeds: List[int] = field(default_factory=lambda: [0])
+    content_scale: float = 0.0       # λ of content subtraction (needs the captions and adapter=ip_adapter)
+    height: Optional[int] = None     # null = the base's default size
+    width: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (self.height, self.width))
+        require([
+            (self.every >= 0, f"validation.every must be ≥ 0 (0 = off), got {self.every}"),
+            (self.steps >= 1, f"validation.steps must be ≥ 1 (denoising steps), got {self.steps}"),
+            (len(self.seeds) > 0, f"validation.seeds must be a list of integers, e.g. [0, 1] (got {list(self.seeds)})"),
+            (sizes_ok, f"validation.height/width must be positive multiples of 8, or null (got {self.height}x{self.width})"),
+            (self.styles is not None or self.every == 0, f"validation.every={self.every} needs validation.styles=DIR "
+             "(style images with .txt content captions), or set validation.every=0"),
+        ])
 
     @property
     def enabled(self) -> bool:
@@ -115,195 +228,98 @@ class ValidationConfig:
         return self.styles is not None and self.every > 0
 
 
-def validation_config(section: Any, adapter_type: str = "ip_adapter") -> ValidationConfig:
-    """Typed ``validation`` settings (absent = off); the prompts are read and the style folder checked."""
-    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
-    valid = {f.name for f in fields(ValidationConfig)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ConfigError(f"unknown validation key(s) {unknown} — valid: {', '.join(sorted(valid))}")
-    if "seeds" in values:
-        seeds = values["seeds"]
-        values["seeds"] = tuple(seeds) if isinstance(seeds, (list, tuple)) else (seeds,)
-    v = ValidationConfig(**{**values, "prompts": ()})
-    _check_validation_numbers(v)
-    if v.styles is None:
-        if v.every > 0:
-            raise ConfigError(f"validation.every={v.every} needs validation.styles=DIR (style images with .txt "
-                              "content captions), or set validation.every=0")
-        return v
-    _check_styles(v, adapter_type)
-    return ValidationConfig(**{**values, "prompts": _validation_prompts(values.get("prompts"))})
+@dataclass
+class TrainConfig:
+    """The whole training config (``configs/train.yaml`` on top of this schema)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output_dir: str = MISSING   # the run folder (train.yaml defaults it to Hydra's run dir)
+    resume: Optional[str] = "auto"  # auto = newest complete checkpoint, PATH = that folder, none = fresh
 
 
-def _check_validation_numbers(v: ValidationConfig) -> None:
-    sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (v.height, v.width))
-    checks = [
-        (v.every >= 0, f"validation.every must be ≥ 0 (0 = off), got {v.every}"),
-        (v.steps >= 1, f"validation.steps must be ≥ 1 (denoising steps), got {v.steps}"),
-        (len(v.seeds) > 0 and all(isinstance(s, int) for s in v.seeds), "validation.seeds must be a list of "
-         f"integers, e.g. [0, 1] (got {list(v.seeds)})"),
-        (sizes_ok, f"validation.height/width must be positive multiples of 8, or null (got {v.height}x{v.width})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+GROUPS = {"model": ModelConfig, "adapter": AdapterConfig, "blocks": BlocksConfig, "data": DataConfig,
+          "optim": OptimConfig, "logger": LoggerConfig, "trainer": TrainerConfig, "validation": ValidationConfig}
 
 
-def _check_styles(v: ValidationConfig, adapter_type: str) -> None:
-    """The style folder holds readable images, captioned when content is subtracted."""
-    from instantstyle.evaluate import load_references
-    from instantstyle.pipeline import GenerationError
-
+def section(node: Any, name: str, schema: type):
+    """A config section as its typed dataclass (range checks run); ``ConfigError`` on a bad value."""
+    if isinstance(node, schema):
+        return node
     try:
-        refs = load_references(v.styles)
-    except GenerationError as err:
-        raise ConfigError(f"validation.styles: {err}") from err
-    if v.content_scale != 0:
-        if adapter_type != "ip_adapter":
-            raise ConfigError(f"validation.content_scale={v.content_scale} needs adapter=ip_adapter "
-                              f"({adapter_type} works on hidden states); set validation.content_scale=0")
-        uncaptioned = [r.name for r in refs if r.caption is None]
-        if uncaptioned:
-            raise ConfigError(f"validation.content_scale={v.content_scale} needs a content caption per style: "
-                              f"add {uncaptioned[0]}.txt in {v.styles} ({len(uncaptioned)} missing)")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node or {}))
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line(err, name)) from None
 
 
-def _validation_prompts(prompts: Any) -> tuple[str, ...]:
-    """A prompts file (one per line) or a list of prompts."""
-    from instantstyle.evaluate import read_prompts
-    from instantstyle.pipeline import GenerationError
-
-    if isinstance(prompts, str):
-        try:
-            return tuple(read_prompts(prompts))
-        except GenerationError as err:
-            raise ConfigError(f"validation.prompts: {err}") from err
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ConfigError("validation.prompts is required: a text file (one prompt per line) or a list of prompts")
-    return tuple(prompts)
+def trainer_config(node: Any) -> TrainerConfig:
+    """The typed ``trainer`` section."""
+    return section(node, "trainer", TrainerConfig)
 
 
-def check_optimizer(optim: DictConfig) -> None:
-    """The optimizer class must import (bitsandbytes for adamw8bit) and lr must be positive."""
-    target = str(optim.get("_target_", ""))
-    module, _, name = target.rpartition(".")
-    try:
-        getattr(importlib.import_module(module), name)
-    except ImportError as err:
-        if module.startswith("bitsandbytes"):
-            raise ConfigError("optim=adamw8bit needs bitsandbytes: pip install bitsandbytes, or use optim=adamw") from err
-        raise ConfigError(f"optim._target_={target!r} cannot be imported: {err}") from err
-    except AttributeError as err:
-        raise ConfigError(f"optim._target_={target!r}: {module} has no {name}") from err
-    if not float(optim.get("lr", 0)) > 0:
-        raise ConfigError(f"optim.lr must be > 0 (got {optim.get('lr')})")
+def one_line(err: Exception, prefix: str = "") -> str:
+    """An OmegaConf/Hydra error as one line, naming the key and, for a typo, the closest valid key."""
+    cause = err
+    while not isinstance(cause, OmegaConfBaseException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    key = str(getattr(cause, "full_key", "") or "")
+    if prefix and key and not key.startswith(prefix + "."):
+        key = f"{prefix}.{key}"
+    text = (str(cause).splitlines() or [type(cause).__name__])[0]
+    if "not in struct" in text or ("Key '" in text and "not in" in text):
+        return unknown_key(key)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return f"{key}: {text}"
+    return text.removeprefix("Error merging override ")
 
 
-def check_data(data: DictConfig) -> None:
-    """Data keys are valid and every local shard exists."""
-    from train.data import DataConfig
-    from data_tools.shards import expand_shards
-
-    if OmegaConf.is_missing(data, "shards"):
-        raise ConfigError("data.shards is required, e.g. data.shards='DIR/*.tar' (python -m data_tools.synthetic "
-                          "--out DIR --num 64 makes some)")
-    try:
-        cfg = DataConfig.from_cfg(data)
-        urls = expand_shards(cfg.shards)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
-    if missing:
-        raise ConfigError(f"data.shards: {missing[0]} does not exist ({len(missing)} of {len(urls)} shards missing)")
+def valid_keys(group: str) -> list[str]:
+    """The schema's keys of a group (``trainer`` → ``batch_size``, …), without wiring keys."""
+    schema = GROUPS.get(group)
+    names = [f.name for f in fields(schema)] if schema else [f.name for f in fields(TrainConfig)]
+    return [n for n in names if not n.startswith("_")]
 
 
-def check_resume(resume: Any, output_dir: str) -> None:
-    """resume is auto, none, or a checkpoint folder."""
-    if resume in ("auto", "none", None):
-        return
-    if not Path(str(resume), "trainer_state.json").is_file():
-        raise ConfigError(f"resume={resume}: not a complete checkpoint folder (no trainer_state.json); "
-                          f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
+def unknown_key(key: str) -> str:
+    """"unknown trainer key(s) ['max_stepz'] — did you mean trainer.max_steps?" (or the valid keys)."""
+    group, _, name = key.rpartition(".")
+    candidates = valid_keys(group) if group in GROUPS else valid_keys("")
+    where = f"{group}." if group in GROUPS else ""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean {where}{close[0]}?" if close else f"valid: {', '.join(where + c for c in candidates)}"
+    return f"unknown {group if group in GROUPS else 'config'} key(s) {[name]} — {hint}"
 
 
-def target_blocks(blocks: DictConfig, family: str) -> list[str] | None:
-    """Block prefixes for ``blocks`` (custom ``targets`` win over the preset); None = all."""
-    if blocks.get("targets"):
-        return resolve_blocks(list(blocks.targets), family)
-    if blocks.get("preset") not in PRESET_NAMES:
-        raise ConfigError(f"blocks.preset={blocks.get('preset')!r} — valid: {', '.join(PRESET_NAMES)}, "
-                          "or a custom list blocks.targets=[...]")
-    return resolve_blocks(blocks.preset, family)
-
-
-def check_model(cfg: DictConfig) -> None:
-    """The base exists, the target blocks exist in its UNet, and the image encoder fits."""
-    from diffusers import UNet2DConditionModel
-
-    from instantstyle.models import model_family
-
-    model = cfg.model
-    if model.get("build_if_missing") and not Path(model.path, "unet").is_dir():
-        return  # the tiny base is built on first use; it always fits
-    try:
-        unet_cfg = UNet2DConditionModel.load_config(model.path, subfolder="unet")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_cfg)
-        family = model_family(unet)
-        select_layers(list(unet.attn_processors), target_blocks(cfg.blocks, family))
-        _check_image_encoder(model, family, unet.config.cross_attention_dim)
-    except (UnknownBlockError, ContentSpaceMismatch, BaseModelError) as err:
-        raise ConfigError(str(err)) from err
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
-
-
-def _check_image_encoder(model: DictConfig, family: str, cross_attention_dim: int) -> None:
-    from transformers import CLIPTextConfig, CLIPVisionConfig
-
-    enc_path, enc_sub = resolve_image_encoder(model.path, model.get("image_encoder"))
-    kwargs = {"subfolder": enc_sub} if enc_sub else {}
-    vision = CLIPVisionConfig.from_pretrained(enc_path, **kwargs)
-    if model.get("check_content_space", True):
-        sub = "text_encoder_2" if family == "sdxl" else "text_encoder"
-        text = CLIPTextConfig.from_pretrained(model.path, subfolder=sub)
-        text_dim = text.projection_dim if family == "sdxl" else text.hidden_size
-        check_content_space(vision.projection_dim, text_dim)
-
-
-def check_distributed(distributed_type: str) -> None:
-    """Checkpoints are exact for data parallelism; sharded optimizer state (FSDP, ZeRO) is not saved yet."""
-    if distributed_type in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"ACCELERATE_CONFIG selects {distributed_type}, whose sharded optimizer state these "
-                          "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
-
-
-def validate_config(cfg: DictConfig) -> TrainerConfig:
-    """Check the whole config; returns the typed trainer section or raises ``ConfigError``."""
-    for key in ("output_dir", "model", "adapter", "blocks", "data", "optim", "logger", "trainer"):
-        if key not in cfg or OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
-    trainer = trainer_config(cfg.trainer)
-    if cfg.adapter.type not in ADAPTER_TYPES:
-        raise ConfigError(f"adapter.type={cfg.adapter.type!r} — valid: {', '.join(ADAPTER_TYPES)}")
-    if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r} — valid: online, offline, disabled")
-    validation_config(cfg.get("validation"), cfg.adapter.type)
-    check_optimizer(cfg.optim)
-    check_data(cfg.data)
-    check_resume(cfg.resume, str(cfg.output_dir))
-    check_model(cfg)
-    init_from = cfg.adapter.get("init_from")
-    if init_from and not glob.glob(str(init_from)):
-        raise ConfigError(f"adapter.init_from={init_from}: file not found")
-    return trainer
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key is in the schema: Hydra lets ``+key=value`` add keys even to typed configs."""
+    top = set(valid_keys("")) | {"hydra"}
+    for key in cfg:
+        if key not in top:
+            raise ConfigError(unknown_key(str(key)))
+    for group in GROUPS:
+        node = cfg.get(group)
+        for key in node if isinstance(node, DictConfig) else ():
+            if str(key) not in {f.name for f in fields(GROUPS[group])}:
+                raise ConfigError(unknown_key(f"{group}.{key}"))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """configs/train.yaml with Hydra overrides, outside ``@hydra.main`` (tests, notebooks); set output_dir."""
+    """configs/train.yaml with Hydra overrides, outside ``@hydra.main`` (tests, notebooks); one-line errors."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(one_line(err)) from None
+    check_known_keys(cfg)
+    return cfg

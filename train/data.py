@@ -1,14 +1,14 @@
 """Training data: WebDataset shards → SDXL + CLIP batches, resumable per sample.
 
-The training loop calls only `build_train_loader(cfg.data, ...)`; the loader
-is an infinite iterator over batches with `state_dict()`/`load_state_dict()`.
-Sample order is defined in `train.data_stream`; decoding in
-`train.data_decode`; pixels in `train.transforms`.
+The training loop calls only `build_train_loader(cfg.data, ...)`; the loader is an infinite
+iterator over batches with `state_dict()`/`load_state_dict()`. One sample travels top to
+bottom: `train.data_stream` says which raw samples this stream reads, in which order
+(opening shards and reading members with `data_tools.shards`) → `decode_sample` decodes the
+members (`data_tools.shards`) and transforms the pixels (`train.transforms`) → `collate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,75 +22,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
 from train.data_stream import StreamPlan
-from train.transforms import CLIP_MEAN, CLIP_STD, prepare_image, to_clip_input, to_unit_range
+from train.config import DataConfig, section
+from train.transforms import prepare_image, to_clip_input, to_unit_range
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The `data` config group, validated."""
-
-    shards: str | tuple[str, ...]
-    resolution: int = 1024
-    clip_image_size: int = 224
-    random_crop: bool = False
-    center_crop: bool = True
-    random_flip: bool = False
-    shuffle_buffer: int = 1000
-    num_workers: int = 4
-    prefetch_factor: int = 2
-    drop_image_prob: float = 0.05
-    drop_text_prob: float = 0.05
-    drop_both_prob: float = 0.05
-    max_image_pixels: int = 178956970
-    epoch_samples: int | None = None
-    clip_mean: tuple[float, ...] = CLIP_MEAN
-    clip_std: tuple[float, ...] = CLIP_STD
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> "DataConfig":
-        """Build from a DictConfig/dict; one-line errors for unknown keys and bad values."""
-        if isinstance(cfg, DataConfig):
-            return cfg
-        values = _to_dict(cfg)
-        values.pop("_target_", None)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown data key(s) {unknown} — valid: {', '.join(sorted(valid))}")
-        if "shards" not in values or not values["shards"]:
-            raise ValueError("data.shards is required, e.g. data.shards='DIR/*.tar'")
-        for key in ("shards", "clip_mean", "clip_std"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad value."""
-        drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
-        checks = [
-            (self.resolution > 0 and self.clip_image_size > 0, "data.resolution and data.clip_image_size must be > 0"),
-            (self.random_crop or self.center_crop, "set data.center_crop=true or data.random_crop=true: batches need square crops"),
-            (0 <= min(self.drop_image_prob, self.drop_text_prob, self.drop_both_prob) and drops <= 1,
-             f"data.drop_*_prob must be ≥ 0 and sum to ≤ 1 (they sum to {drops})"),
-            (self.num_workers >= 0 and self.shuffle_buffer >= 0, "data.num_workers and data.shuffle_buffer must be ≥ 0"),
-            (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
-            (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-def _to_dict(cfg: Any) -> dict:
-    if isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
-        return dict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
@@ -228,14 +163,6 @@ class TrainLoader:
         self._skipped_base: Counter = Counter()
         self._skipped_live: dict[int, Counter] = {}
 
-    @property
-    def epoch_samples(self) -> int | None:
-        """Samples in one epoch over all ranks: config value, else the manifests' total."""
-        counts = self.plan_args["counts"]
-        if self.cfg.epoch_samples:
-            return self.cfg.epoch_samples
-        return sum(counts) if all(c is not None for c in counts) else None
-
     def __iter__(self) -> Iterator[dict]:
         self._fold_skips()
         dataset = ShardStreamDataset(self.cfg, self.plan_args, self.batch_size, self.seed, self.rank,
@@ -305,10 +232,13 @@ class TrainLoader:
 
 
 def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, world_size: int,
-                       samples_seen: int = 0) -> TrainLoader:
-    """Build this rank's infinite batch iterator; `samples_seen` resumes after that many of its samples."""
-    cfg = DataConfig.from_cfg(data_cfg)
-    urls = expand_shards(cfg.shards)
+                       samples_seen: int = 0, urls: list[str] | None = None) -> TrainLoader:
+    """Build this rank's infinite batch iterator; `samples_seen` resumes after that many of its samples.
+
+    `urls` is the already expanded shard list when the caller has it (training checks it once).
+    """
+    cfg = section(data_cfg, "data", DataConfig)
+    urls = urls if urls is not None else expand_shards(cfg.shards)
     counts = shard_sample_counts(urls)
     streams = world_size * max(1, cfg.num_workers)
     if len(urls) < streams:

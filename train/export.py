@@ -22,14 +22,6 @@ from instantstyle.export import DTYPES, AdapterFileError, export_safetensors
 from train.checkpoint import STATE_FILE, CheckpointError, read_state
 
 
-def spec_of(identity: dict) -> AdapterSpec:
-    """The adapter spec a checkpoint was trained with."""
-    blocks = identity["target_blocks"]
-    return AdapterSpec(identity["adapter_type"], None if blocks == "all" else tuple(blocks),
-                       int(identity["image_embed_dim"]), int(identity["num_tokens"]), int(identity["resampler_dim"]),
-                       {"base_model": identity["base_model"], "image_encoder": identity["image_encoder"]})
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", ema: bool = False,
                       base: str | None = None) -> Path:
     """Rebuild the adapter on the base UNet, load the checkpoint's (or EMA) weights and export."""
@@ -44,7 +36,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the base UNet from {base_path} ({str(err).splitlines()[0]}); "
                               "pass --base PATH") from err
-    adapter = install_adapter(unet, spec_of(identity))
+    adapter = install_adapter(unet, AdapterSpec.from_metadata(identity))
     weights = read_state(checkpoint, "adapter")
     if ema:
         if not (checkpoint / "ema.json").is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -16,10 +15,11 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter, load_references
+from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter
 from instantstyle.generate import StyleGenerator
-from train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from train.checkpoint import CheckpointManager, capture_rng, gather_json, restore_rng, save_parts
 from train.loggers import ThroughputMeter
+from train.run import Run
 from train.task import DiffusionTask
 
 log = logging.getLogger(__name__)
@@ -46,30 +46,19 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def gather_json(obj, accelerator: Accelerator) -> list:
-    """Every rank's JSON-able ``obj``, on every rank (bytes in tensors: no pickling)."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=accelerator.device)
-    sizes = accelerator.gather(torch.tensor([data.numel()], device=accelerator.device)).tolist()
-    padded = accelerator.pad_across_processes(data, dim=0)
-    rows = accelerator.gather(padded).view(accelerator.num_processes, -1)
-    return [json.loads(bytes(row[:n].tolist()).decode()) for row, n in zip(rows.cpu(), sizes)]
-
-
-def save_checkpoint(run, manager: CheckpointManager) -> None:
-    """Gather per-rank state; only the main process writes."""
-    ranks = gather_json(run.rank_state(), run.accelerator)
+def save_checkpoint(run: Run, manager: CheckpointManager) -> None:
+    """Gather every rank's own state; only the main process writes."""
+    ranks = gather_json(run.rank_part().state_dict(), run.accelerator)
     if run.accelerator.is_main_process:
         trainer_state = {"step": run.step, "identity": run.identity,
                          "samples_seen": sum(r["data"]["samples_seen"] for r in ranks)}
-        path = manager.save(run.step, {**run.states(), "ranks": ranks}, trainer_state, run.config_yaml)
+        path = save_parts(manager, run.step, run.parts(), ranks, trainer_state, run.config_yaml)
         log.info("saved %s", path)
     run.accelerator.wait_for_everyone()
 
 
 @torch.no_grad()
-def fixed_batch_loss(run, batch: dict, seed: int = 0) -> float:
+def fixed_batch_loss(run: Run, batch: dict, seed: int = 0) -> float:
     """Loss on one fixed batch with fixed noise: comparable across steps and runs."""
     generator = torch.Generator(run.accelerator.device).manual_seed(seed)
     model = run.accelerator.unwrap_model(run.model)
@@ -79,7 +68,7 @@ def fixed_batch_loss(run, batch: dict, seed: int = 0) -> float:
 
 
 @contextmanager
-def training_state_kept(run) -> Iterator[None]:
+def training_state_kept(run: Run) -> Iterator[None]:
     """Put back what generation changes (RNG streams, adapter scales), so validation never alters training."""
     rng = capture_rng(run.generator)  # torch CPU/CUDA, numpy, python and the task's noise generator
     scales = [proc.scale for proc in run.adapter.layers]
@@ -91,14 +80,14 @@ def training_state_kept(run) -> Iterator[None]:
             proc.scale = scale
 
 
-def evaluate_live(run, refs: list[StyleReference], out_dir: Path) -> dict[str, float | None]:
+def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path) -> dict[str, float | None]:
     """Metric means of the adapter as it is now; writes metrics.json, metrics.md and grid.png to ``out_dir``."""
     v = run.validation
     # The live weights, not EMA: they are what the loss curve describes, and swapping EMA in and out
     # would be one more thing to restore exactly. Export EMA and run instantstyle.evaluate for it.
     model = run.accelerator.unwrap_model(run.model)
     generator = StyleGenerator.from_base(run.base, model.adapter)  # shares the training UNet, restores it after
-    config = EvalConfig(list(v.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
+    config = EvalConfig(list(run.settings.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
     # Autocast as in training: frozen nets in the training precision, adapter weights in fp32.
     with torch.no_grad(), run.accelerator.autocast():
         return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale))
@@ -115,7 +104,7 @@ def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
             tracker.log_images({"val/grid": [image]}, step=step)
 
 
-def validate(run, refs: list[StyleReference] | None) -> None:
+def validate(run: Run, refs: list[StyleReference] | None) -> None:
     """Evaluate on the main process and log; the other ranks wait at a barrier."""
     acc = run.accelerator
     if acc.is_main_process:
@@ -129,13 +118,13 @@ def validate(run, refs: list[StyleReference] | None) -> None:
     acc.wait_for_everyone()
 
 
-def validation_due(run) -> bool:
+def validation_due(run: Run) -> bool:
     """Every ``validation.every`` steps and at the last step."""
     v = run.validation
     return v.enabled and (run.step % v.every == 0 or run.step == run.trainer.max_steps)
 
 
-def train_step(run, batches, meter: ThroughputMeter) -> tuple[float, float]:
+def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm)."""
     accelerator, losses = run.accelerator, []
     for _ in range(run.trainer.gradient_accumulation_steps):
@@ -157,7 +146,7 @@ def train_step(run, batches, meter: ThroughputMeter) -> tuple[float, float]:
     return float(torch.stack(losses).mean()), float(grad_norm)
 
 
-def log_metrics(run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
+def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
     """Average the window over ranks and send it to the trackers; returns what was logged."""
     acc = run.accelerator
     window = meter.read()
@@ -175,13 +164,13 @@ def log_metrics(run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
     return metrics
 
 
-def fit(run, manager: CheckpointManager) -> dict:
+def fit(run: Run, manager: CheckpointManager) -> dict:
     """Train from ``run.step`` to ``max_steps``; stops early (after a checkpoint) on SIGTERM/SIGINT."""
     t, acc = run.trainer, run.accelerator
     samples_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
     fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
-    refs = load_references(run.validation.styles) if run.validation.enabled and acc.is_main_process else None
+    refs = run.settings.references if run.validation.enabled and acc.is_main_process else None
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
     start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
     try:

@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from data_tools.shards import decode_rgb
+from train.config import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

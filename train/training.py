@@ -1,0 +1,128 @@
+"""``train(cfg)``: check, build, resume, run the loop, export. Tests call it with a composed config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from instantstyle.export import export_safetensors
+from instantstyle.models import BaseModel
+from train.checkpoint import CheckpointManager, check_compatible, load_parts
+from train.checks import Settings, check_config, target_blocks
+from train.config import ConfigError, TrainerConfig
+from train.data import build_train_loader
+from train.ema import EMA
+from train.loggers import Trackers, loggable_config
+from train.optim import build_lr_scheduler, build_optimizer
+from train.run import Run
+from train.task import AdaptedUNet, DiffusionTask, rank_seed
+
+log = logging.getLogger(__name__)
+EXPORT_NAME = "ip-adapter.safetensors"
+
+
+def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) -> Accelerator:
+    """Accelerate owns devices, DDP wrapping, autocast and trackers."""
+    return Accelerator(
+        mixed_precision=trainer.mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        log_with=trackers.log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def check_distributed(distributed_type: str) -> None:
+    """Checkpoints are exact for data parallelism; sharded optimizer state (FSDP, ZeRO) is not saved yet."""
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"ACCELERATE_CONFIG selects {distributed_type}, whose sharded optimizer state these "
+                          "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
+
+
+def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype) -> BaseModel:
+    """Main process first, so a missing tiny base (or a download) is made once, not per rank."""
+    with accelerator.main_process_first():
+        return instantiate(cfg.model, dtype=dtype, device=accelerator.device)
+
+
+def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path) -> Run:
+    """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
+    trainer = settings.trainer
+    set_seed(trainer.seed)  # same adapter init on every rank
+    base = load_base_once(cfg, accelerator, trainer.weight_dtype)
+    if trainer.mixed_precision == "fp16":
+        base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    if trainer.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    adapter = instantiate(cfg.adapter)(base, blocks=target_blocks(cfg.blocks, base.family))
+    optimizer = build_optimizer(cfg.optim, adapter.parameters())
+    lr_scheduler = build_lr_scheduler(optimizer, trainer)
+    model, optimizer = accelerator.prepare(AdaptedUNet(base.unet, adapter), optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
+    task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
+                         noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma)
+    loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
+                                world_size=world, urls=settings.shard_urls)
+    identity = {**adapter.spec.to_metadata(), "world_size": world}
+    return Run(accelerator, settings, base, adapter, model, task, optimizer, lr_scheduler, loader, generator,
+               EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(cfg, resolve=True),
+               identity)
+
+
+def checkpoint_to_resume(resume: str | None, manager: CheckpointManager) -> Path | None:
+    """auto = newest complete checkpoint (None when there is none), none = fresh, else that folder."""
+    if resume in (None, "none"):
+        return None
+    return manager.latest() if resume == "auto" else Path(resume)
+
+
+def restore(run: Run, folder: Path) -> None:
+    """Load the checkpoint into the run's parts, after checking the checkpoint fits it."""
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    check_compatible(trainer_state["identity"], run.identity, folder)
+    load_parts(folder, run.parts(), run.accelerator.process_index, run.rank_part())
+    run.step = int(trainer_state["step"])
+    run.summary["resumed_from"] = str(folder)
+    log.info("resumed from %s at step %d", folder, run.step)
+
+
+def export_final(run: Run) -> Path:
+    """``RUN/ip-adapter.safetensors`` (EMA weights when EMA is on)."""
+    if run.ema is not None:
+        run.ema.copy_to(run.adapter)
+    return export_safetensors(run.adapter, run.base.unet, run.run_dir / EXPORT_NAME, dtype="fp32", step=run.step)
+
+
+def train(cfg: DictConfig) -> Run:
+    """Train an adapter as ``cfg`` says; returns the finished run (its ``summary`` is also on disk)."""
+    from train.loop import fit
+
+    settings = check_config(cfg)
+    run_dir = Path(cfg.output_dir)
+    trackers = instantiate(cfg.logger, run_dir=str(run_dir))
+    accelerator = make_accelerator(settings.trainer, trackers, run_dir)
+    check_distributed(str(accelerator.distributed_type).split(".")[-1])
+    run = build_run(cfg, settings, accelerator, run_dir)
+    manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
+    folder = checkpoint_to_resume(cfg.resume, manager)
+    if folder is not None:
+        restore(run, folder)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(run.config_yaml)
+    accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
+    fit(run, manager)
+    if accelerator.is_main_process and not run.summary.get("preempted"):
+        run.summary["export"] = str(export_final(run))
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run
