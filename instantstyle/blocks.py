@@ -18,15 +18,17 @@ SDXL_PRESETS: dict[str, list[str]] = {
     "style_layout": ["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"],
 }
 
-# SD 1.5 has no attention in up_blocks.0, so the paper's SDXL blocks are mapped by
-# position in the U: the first up block with attention (lowest resolution, 16x16 at
-# 512 px) is up_blocks.1, and the deepest down block with attention is down_blocks.2.
-# The middle attention of each is chosen as in SDXL. These are a starting point, not a
-# measured result: confirm them with `python -m instantstyle.probe_blocks`.
+# SD 1.5 presets from InstantStyle's reference code (infer_style_sd15.py, `target_blocks`), which the
+# authors mark experimental: SD 1.5 has no attention in up_blocks.0, so whole stages are targeted.
 SD15_PRESETS: dict[str, list[str]] = {
-    "style": ["up_blocks.1.attentions.1"],
-    "layout": ["down_blocks.2.attentions.1"],
-    "style_layout": ["up_blocks.1.attentions.1", "down_blocks.2.attentions.1"],
+    "style": ["up_blocks.1"],  # reference: target_blocks=["up_blocks.1"] (style only)
+    "layout": ["down_blocks.2", "mid_block"],  # the reference's style+layout minus its style blocks
+    "style_layout": ["down_blocks.2", "mid_block", "up_blocks.1"],  # reference: style+layout
+    # This project's earlier choice, mapped from SDXL by position (the middle attention of the lowest-
+    # resolution up and down stages); a narrower hypothesis to test with `instantstyle.probe_blocks`.
+    "style_narrow": ["up_blocks.1.attentions.1"],
+    "layout_narrow": ["down_blocks.2.attentions.1"],
+    "style_layout_narrow": ["up_blocks.1.attentions.1", "down_blocks.2.attentions.1"],
 }
 
 PRESET_NAMES = ("style", "layout", "style_layout", "all")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 class ContentSpaceMismatch(ValueError):
@@ -30,6 +31,26 @@ def subtract_content(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scal
     """``image_embeds - scale * text_embeds``; text may be (D,), (1, D) or match the image batch."""
     check_content_space(image_embeds.shape[-1], text_embeds.shape[-1])
     return image_embeds - scale * text_embeds.to(image_embeds.dtype)
+
+
+def decouple_content(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: float,
+                     normalize: bool = False) -> torch.Tensor:
+    """Content-decoupled style embedding ``image - scale * text``, optionally on unit directions.
+
+    With ``normalize`` both embeddings are L2-normalised first and the difference is rescaled to
+    each image embedding's own norm. CLIP's two towers emit vectors of different, prompt-dependent
+    lengths, so a plain ``λ`` removes more or less of the caption depending on how long its vector
+    happens to be; on unit vectors ``λ`` is the same fraction of the caption direction for every
+    pair. Rescaling to the image norm keeps the input to the image projection at the magnitude
+    the adapter was trained on.
+    """
+    if not normalize:
+        return subtract_content(image_embeds, text_embeds, scale)
+    image = image_embeds.float()
+    norm = image.norm(dim=-1, keepdim=True)
+    unit_text = F.normalize(text_embeds.float(), dim=-1)
+    direction = F.normalize(subtract_content(F.normalize(image, dim=-1), unit_text, scale), dim=-1)
+    return (direction * norm).to(image_embeds.dtype)
 
 
 @torch.no_grad()

@@ -2,10 +2,12 @@
 
     python -m instantstyle.evaluate --base DIR --adapter FILE --styles STYLE_DIR --prompts FILE \\
         --out REPORT_DIR [--seeds 0,1 --steps 30 --content-scale 0,1 --blocks style --blocks all]
+        [--csd CSD_CHECKPOINT --dino DINO_DIR]
 
 Writes ``metrics.json`` (every sample and the means per setting), ``metrics.md`` (a table)
 and ``grid.png`` (one row per setting, style and seed: the reference, then one image per
 prompt). Content captions come from a ``.txt`` beside each style image or a JSON mapping.
+``--csd`` adds CSD style similarity and ``--dino`` DINO content leakage (see ``style_metrics``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.ERROR)
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +35,19 @@ from .generate import USER_ERRORS, StyleGenerator
 from .grid import make_grid
 from .metrics import ClipEmbedder, content_leakage, mean_metrics, style_similarity, text_alignment
 from .pipeline import GenerationError, load_image
+from .style_metrics import (
+    CsdEncoder,
+    DinoEncoder,
+    ImageEncoder,
+    MetricModelError,
+    csd_style_similarity,
+    dino_content_leakage,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Optional metrics that compare each generated image with its style reference through one encoder.
+REFERENCE_METRICS = {"csd_style_similarity": csd_style_similarity, "dino_content_leakage": dino_content_leakage}
+OPTIONAL_COLUMNS = {"csd_style_similarity": "CSD style ↑", "dino_content_leakage": "DINO leakage ↓"}
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,9 @@ def generate_setting(generator: StyleGenerator, refs: Sequence[StyleReference], 
     return samples
 
 
-def score_samples(samples: list[dict], refs: Sequence[StyleReference], embedder: ClipEmbedder) -> None:
-    """Add the three metrics to every sample, in place."""
+def score_samples(samples: list[dict], refs: Sequence[StyleReference], embedder: ClipEmbedder,
+                  encoders: Mapping[str, ImageEncoder] | None = None) -> None:
+    """Add the three CLIP metrics, and one per optional encoder, to every sample, in place."""
     generated = embedder.embed_images([s["image"] for s in samples])
     ref_index = {ref.name: i for i, ref in enumerate(refs)}
     ref_embeds = embedder.embed_images([ref.image for ref in refs])
@@ -151,12 +165,30 @@ def score_samples(samples: list[dict], refs: Sequence[StyleReference], embedder:
         caption = caption_embeds.get(sample["style"])
         sample["content_leakage"] = (float(content_leakage(generated[i:i + 1], caption[None])[0])
                                      if caption is not None else None)
+    for name, encoder in (encoders or {}).items():
+        score_against_references(samples, refs, name, encoder)
+
+
+def score_against_references(samples: list[dict], refs: Sequence[StyleReference], name: str,
+                             encoder: ImageEncoder) -> None:
+    """Add optional metric ``name`` (see REFERENCE_METRICS): generated image vs its style reference."""
+    if name not in REFERENCE_METRICS:
+        raise GenerationError(f"unknown metric {name!r}; valid: {', '.join(REFERENCE_METRICS)}")
+    generated = encoder.embed_images([s["image"] for s in samples])
+    ref_index = {ref.name: i for i, ref in enumerate(refs)}
+    references = encoder.embed_images([ref.image for ref in refs])[[ref_index[s["style"]] for s in samples]]
+    for sample, value in zip(samples, REFERENCE_METRICS[name](generated, references)):
+        sample[name] = float(value)
 
 
 def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference], settings: Sequence[EvalSetting],
                       config: EvalConfig, out_dir: str | Path | None = None,
-                      embedder: ClipEmbedder | None = None, meta: dict | None = None) -> dict:
-    """Generate and score every setting; writes metrics.json, metrics.md and grid.png when ``out_dir``."""
+                      embedder: ClipEmbedder | None = None, meta: dict | None = None,
+                      encoders: Mapping[str, ImageEncoder] | None = None) -> dict:
+    """Generate and score every setting; writes metrics.json, metrics.md and grid.png when ``out_dir``.
+
+    ``encoders`` maps optional metric names (``REFERENCE_METRICS``) to their image encoders.
+    """
     if len({s.name for s in settings}) != len(settings):
         raise GenerationError("evaluation settings need distinct names")
     for setting in settings:  # fail before generating anything
@@ -168,7 +200,7 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
     with tqdm(total=jobs, desc="evaluate", unit="row") as progress:
         for setting in settings:
             samples += generate_setting(generator, refs, setting, config, progress)
-    score_samples(samples, refs, embedder)
+    score_samples(samples, refs, embedder, encoders)
     report = build_report(samples, settings, config, refs, meta or {})
     if out_dir is not None:
         write_report(report, samples, refs, config, Path(out_dir))
@@ -177,9 +209,10 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
 
 def evaluate_adapter(generator: StyleGenerator, refs: Sequence[StyleReference], config: EvalConfig,
                      out_dir: str | Path | None = None, setting: EvalSetting = EvalSetting(),
-                     embedder: ClipEmbedder | None = None) -> dict[str, float | None]:
+                     embedder: ClipEmbedder | None = None,
+                     encoders: Mapping[str, ImageEncoder] | None = None) -> dict[str, float | None]:
     """Means of the metrics for one setting (training validation calls this); report files if ``out_dir``."""
-    report = evaluate_settings(generator, refs, [setting], config, out_dir, embedder)
+    report = evaluate_settings(generator, refs, [setting], config, out_dir, embedder, encoders=encoders)
     return report["settings"][0]["mean"]
 
 
@@ -200,15 +233,18 @@ def markdown_table(report: dict) -> str:
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.4f}"
 
+    optional = [n for n in OPTIONAL_COLUMNS if any(n in s["mean"] for s in report["settings"])]
+    extra_head = "".join(f" {OPTIONAL_COLUMNS[n]} |" for n in optional)
     lines = ["| setting | blocks | scale | content scale | style similarity ↑ | text alignment ↑ "
-             "| content leakage ↓ | n |", "|---|---|---|---|---|---|---|---|"]
+             f"| content leakage ↓ |{extra_head} n |", "|---|---|---|---|---|---|---|---|" + "---|" * len(optional)]
     for s in report["settings"]:
         blocks = "adapter's" if s["blocks"] is None else s["blocks"] if isinstance(s["blocks"], str) \
             else ",".join(s["blocks"])
         m = s["mean"]
+        extra = "".join(f" {fmt(m.get(n))} |" for n in optional)
         lines.append(f"| {s['name']} | {blocks} | {s['scale']:g} | {s['content_scale']:g} | "
                      f"{fmt(m['style_similarity'])} | {fmt(m['text_alignment'])} | {fmt(m['content_leakage'])} "
-                     f"| {s['num_samples']} |")
+                     f"|{extra} {s['num_samples']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", action="append", help="repeat to compare block sets (default: the adapter's)")
     p.add_argument("--evaluator", help="CLIP folder or id to score with (default: the base's encoders)")
     p.add_argument("--image-encoder", help="repo[:subfolder] when the base has no image_encoder/")
+    p.add_argument("--csd", metavar="PATH", help="CSD checkpoint (.pth or .safetensors): adds CSD style similarity")
+    p.add_argument("--dino", metavar="PATH", help="DINO/DINOv2 model folder: adds DINO content leakage")
     p.add_argument("--cell", type=int, default=256, help="grid cell size in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -276,11 +314,23 @@ def run(args: argparse.Namespace) -> dict:
                         args.guidance, args.height, args.width, args.cell)
     refs = load_references(args.styles, args.content_captions)
     settings = parse_settings(args.blocks, args.scale, args.content_scale)
+    encoders = load_metric_encoders(args.csd, args.dino, args.device)  # before the base: a bad path fails fast
     generator = StyleGenerator.from_pretrained(args.base, args.adapter, image_encoder=args.image_encoder,
                                                device=args.device)
     embedder = ClipEmbedder.from_pretrained(args.evaluator, args.device) if args.evaluator else None
-    meta = {"base": args.base, "adapter": str(args.adapter), "evaluator": args.evaluator or "base"}
-    return evaluate_settings(generator, refs, settings, config, Path(args.out), embedder, meta)
+    meta = {"base": args.base, "adapter": str(args.adapter), "evaluator": args.evaluator or "base",
+            **({"csd": args.csd} if args.csd else {}), **({"dino": args.dino} if args.dino else {})}
+    return evaluate_settings(generator, refs, settings, config, Path(args.out), embedder, meta, encoders)
+
+
+def load_metric_encoders(csd: str | None, dino: str | None, device: str = "cpu") -> dict[str, ImageEncoder]:
+    """Encoders of the optional metrics whose model paths are given (none: today's CLIP metrics only)."""
+    encoders: dict[str, ImageEncoder] = {}
+    if csd:
+        encoders["csd_style_similarity"] = CsdEncoder.from_checkpoint(csd, device)
+    if dino:
+        encoders["dino_content_leakage"] = DinoEncoder.from_pretrained(dino, device)
+    return encoders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, MetricModelError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     print(markdown_table(report), end="")

@@ -25,6 +25,8 @@ from transformers import (
 from .content import check_content_space, encode_content_prompt
 
 METRICS = ("style_similarity", "text_alignment", "content_leakage")
+# Scored only when their models are given (instantstyle.style_metrics); reports omit them otherwise.
+OPTIONAL_METRICS = ("csd_style_similarity", "dino_content_leakage")
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,10 @@ def content_leakage(generated: torch.Tensor, captions: torch.Tensor) -> torch.Te
 
 
 def mean_metrics(samples: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
-    """Average of each metric over the samples that have it (None when none has)."""
+    """Average of each metric over the samples that have it (None when none has); optional ones if scored."""
     means: dict[str, float | None] = {}
-    for name in METRICS:
+    scored = [name for name in OPTIONAL_METRICS if any(name in s for s in samples)]
+    for name in (*METRICS, *scored):
         values = [s[name] for s in samples if s.get(name) is not None]
         means[name] = sum(values) / len(values) if values else None
     return means

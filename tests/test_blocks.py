@@ -51,5 +51,8 @@ def test_sd15_presets_point_at_attention_blocks():
     from instantstyle.reference_configs import build_unet
 
     names = list(build_unet("sd15_unet").attn_processors)
-    assert block_names(select_layers(names, resolve_blocks("style", "sd15"))) == ["up_blocks.1.attentions.1"]
-    assert block_names(select_layers(names, resolve_blocks("layout", "sd15"))) == ["down_blocks.2.attentions.1"]
+    # Whole stages, as InstantStyle's SD 1.5 reference code targets them (tests/test_presets.py checks the layers).
+    assert block_names(select_layers(names, resolve_blocks("style", "sd15"))) == [
+        f"up_blocks.1.attentions.{i}" for i in range(3)]
+    assert block_names(select_layers(names, resolve_blocks("layout", "sd15"))) == [
+        "down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "mid_block.attentions.0"]
