@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .attention import DecoupledCrossAttnProcessor, TextOnlyCrossAttnProcessor
-from .blocks import cross_attention_layers, select_layers
+from .blocks import cross_attention_layers, export_id, select_layers
 from .projection import build_image_projection
 
 
@@ -69,7 +69,7 @@ class InstantStyleAdapter(nn.Module):
 
     def export_ids(self) -> list[int]:
         """Export key id of each target layer: 1, 3, 5, ... over ALL cross-attention layers."""
-        position = {name: 2 * i + 1 for i, name in enumerate(self.all_layer_names)}
+        position = {name: export_id(i) for i, name in enumerate(self.all_layer_names)}
         return [position[name] for name in self.layer_names]
 
     def set_scale(self, scale: float | Mapping[str, float]) -> None:

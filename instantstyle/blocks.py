@@ -57,6 +57,14 @@ def cross_attention_layers(processor_names: Iterable[str]) -> list[str]:
     return [name for name in processor_names if is_cross_attention(name)]
 
 
+def export_id(position: int) -> int:
+    """Key id of the ``position``-th cross-attention layer in IP-Adapter files (1, 3, 5, …).
+
+    The format numbers every attention processor and the cross-attention ones are the odd ids.
+    """
+    return 2 * position + 1
+
+
 def block_names(layers: Iterable[str]) -> list[str]:
     """Distinct blocks of the given layers, in order."""
     return list(dict.fromkeys(block_of(layer) for layer in layers))

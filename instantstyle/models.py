@@ -42,13 +42,6 @@ class BaseModel:
     image_encoder_path: str
 
     @property
-    def content_encoder(self) -> tuple[torch.nn.Module, CLIPTokenizer]:
-        """The text tower whose projected space is the image encoder's (SDXL: text_encoder_2)."""
-        if self.text_encoder_2 is not None:
-            return self.text_encoder_2, self.tokenizer_2
-        return self.text_encoder, self.tokenizer
-
-    @property
     def content_dim(self) -> int:
         """Width of the content text embedding (projected for SDXL, pooled hidden for SD 1.5)."""
         if self.text_encoder_2 is not None:

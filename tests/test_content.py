@@ -20,7 +20,7 @@ def test_mismatched_spaces_raise_documented_error():
 
 
 def test_content_embedding_is_text_encoder_2_pooled_projection(tiny_base):
-    encoder, tokenizer = tiny_base.content_encoder
+    encoder, tokenizer = tiny_base.text_encoder_2, tiny_base.tokenizer_2
     embeds = encode_content_prompt(encoder, tokenizer, ["a circle", "a star"])
     ids = tokenizer(["a circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_generate_support import STYLE, export_perturbed, style_image
+from generate_support import STYLE, export_perturbed, style_image
 
 from instantstyle.evaluate import (
     EvalConfig,

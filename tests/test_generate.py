@@ -10,7 +10,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_generate_support import STYLE, as_uint8, export_perturbed, style_image
+from generate_support import STYLE, as_uint8, export_perturbed, style_image
 from transformers import CLIPImageProcessor
 
 from instantstyle.generate import StyleGenerator, main

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
-from test_generate_support import STYLE, STYLE_LAYOUT, as_uint8, export_perturbed, perturbed_adapter, style_image
+from generate_support import STYLE, STYLE_LAYOUT, as_uint8, export_perturbed, perturbed_adapter, style_image
 
 from instantstyle.export import export_safetensors
 from instantstyle.generate import StyleGenerator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_generate_support import export_perturbed, style_image
+from generate_support import export_perturbed, style_image
 
 from instantstyle.blocks import block_names, cross_attention_layers
 from instantstyle.evaluate import EvalConfig, load_references
