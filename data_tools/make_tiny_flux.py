@@ -25,7 +25,9 @@ from transformers import T5TokenizerFast
 from .make_tiny_model import TOKEN_WORDS, build_tiny_image_encoder, build_tokenizer
 
 TEXT_HIDDEN = 32  # CLIP text width = pooled_projection_dim of the transformer
-T5_HIDDEN = 32  # T5 width = joint_attention_dim (also the width of IP-Adapter image tokens)
+# T5 width = joint_attention_dim (also the width of IP-Adapter image tokens); unlike the
+# transformer's width (32), as on the real model (4096 vs 3072), so mixing them up fails.
+T5_HIDDEN = 48
 LATENT_CHANNELS = 16  # FLUX's VAE; the transformer sees 2x2 patches -> 64 input channels
 
 
@@ -38,7 +40,7 @@ def build_t5_tokenizer() -> T5TokenizerFast:
 
 
 def build_tiny_flux_transformer() -> FluxTransformer2DModel:
-    """FLUX.1-dev's layout (3 double + 2 single blocks, guidance embedding) at width 32."""
+    """FLUX.1-dev's layout (3 double + 2 single blocks, guidance embedding) at width 32 (2 heads of 16)."""
     return FluxTransformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=3, num_single_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_HIDDEN,
