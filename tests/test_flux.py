@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,26 @@ def test_two_step_generation_with_stock_load_ip_adapter_matches_ours(flux_dir, t
     plain = ours(**common, latents=latents).images
     assert (theirs - plain).abs().max() > 1e-2
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+
+
+def test_make_tiny_flux_cli_is_deterministic(flux_dir, tmp_path, capsys):
+    from data_tools import make_tiny_flux
+
+    make_tiny_flux.main(["--out", str(tmp_path / "again")])
+    assert "tiny FLUX-shaped base written to" in capsys.readouterr().out
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "again" / weights).read_bytes() == (Path(flux_dir) / weights).read_bytes()
+
+
+def test_bf16_base_with_fp32_adapter_trains(transformer):
+    transformer.to(torch.bfloat16)
+    adapter = install_flux_adapter(transformer, FluxAdapterSpec(double_blocks=(0,), image_embed_dim=32))
+    perturb_(adapter, scale=0.3)
+    g = torch.Generator().manual_seed(0)
+    loss, _ = flux_flow_loss(transformer, adapter, torch.randn(2, 16, 8, 8, generator=g),
+                             torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g),
+                             torch.randn(2, 32, generator=g), generator=g)
+    loss.backward()
+    grads = [p.grad for p in flux_trainable_parameters(adapter)]
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
