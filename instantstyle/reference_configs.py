@@ -10,12 +10,12 @@ import json
 from importlib import resources
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
 from transformers import CLIPVisionModelWithProjection
 
 NAMES = ("sdxl_unet", "sd15_unet", "sdxl_vae", "sdxl_text_encoder", "sdxl_text_encoder_2",
-         "openclip_bigg_vision", "openclip_vith_vision")
+         "openclip_bigg_vision", "openclip_vith_vision", "flux_transformer")
 
 
 def load_reference_config(name: str) -> dict:
@@ -30,6 +30,13 @@ def build_unet(name: str = "sdxl_unet", device: str | torch.device = "meta") -> 
     """A randomly initialised (or meta) UNet with a public architecture."""
     with torch.device(device):
         return UNet2DConditionModel.from_config(load_reference_config(name))
+
+
+def build_flux_transformer(name: str = "flux_transformer",
+                           device: str | torch.device = "meta") -> FluxTransformer2DModel:
+    """A randomly initialised (or meta) FLUX.1 transformer with a public architecture."""
+    with torch.device(device):
+        return FluxTransformer2DModel.from_config(load_reference_config(name))
 
 
 def build_vae(name: str = "sdxl_vae", device: str | torch.device = "meta") -> AutoencoderKL:
