@@ -110,3 +110,8 @@ def test_a_failing_compiler_keeps_the_rows_measured_without_it(monkeypatch):
     monkeypatch.setattr(bench_gpu, "measure_variant", measure_variant)
     rows = run_rows(tiny_setup(), ["style"], [False, True], budget_s=1e9)
     assert [(r.compiled, r.note) for r in rows] == [(False, "")] * 2 + [(True, "compile failed: RuntimeError")] * 2
+
+
+def test_mfu_uses_model_flops_not_what_gradient_checkpointing_recomputes():
+    plain = bench_gpu.count_flops(tiny_setup())
+    assert bench_gpu.count_flops(tiny_setup(gradient_checkpointing=True)) == plain

@@ -19,6 +19,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -155,7 +156,8 @@ def train_step(setup: Setup, model: AdaptedUNet, optimizer: torch.optim.Optimize
 
 def count_flops(setup: Setup) -> dict[str, float]:
     """Training FLOPs of one sample on ``meta``: the encoders (key 'encoders') and each variant's UNet step."""
-    meta = replace(setup, device="meta", batch=1, amp=False)
+    # model FLOPs: what gradient checkpointing recomputes is not counted
+    meta = replace(setup, device="meta", batch=1, amp=False, gradient_checkpointing=False)
     encoders = setup.build_encoders("meta")
     raw = raw_inputs(meta, encoders)
     with FlopCounterMode(display=False) as counter:
@@ -183,10 +185,12 @@ def free_memory(setup: Setup) -> None:
 
 def time_steps(setup: Setup, step: Callable[[], None]) -> tuple[float, float]:
     """(seconds per timed step, peak GiB): CUDA peak allocated, or peak process RSS on CPU."""
-    sync = torch.cuda.synchronize if setup.device == "cuda" else (lambda: None)
-    if setup.device == "cuda":
+    cuda = setup.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()  # peak from here = what is resident now + this row's work
-    with PeakRSS() as rss:
+    # PeakRSS's polling thread would take the GIL from the GPU's kernel launches: CPU only
+    with nullcontext() if cuda else PeakRSS() as rss:
         for _ in range(setup.warmup):
             step()
         sync()
@@ -195,7 +199,7 @@ def time_steps(setup: Setup, step: Callable[[], None]) -> tuple[float, float]:
             step()
         sync()
         seconds = (time.perf_counter() - start) / setup.steps
-    return seconds, (torch.cuda.max_memory_allocated() if setup.device == "cuda" else rss.peak) / 2**30
+    return seconds, (torch.cuda.max_memory_allocated() if cuda else rss.peak) / 2**30
 
 
 def measure(setup: Setup, row: Row, step: Callable[[], None]) -> Row:
@@ -281,7 +285,7 @@ def format_table(rows: list[Row], peak_tflops: float | None) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.bench_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=1024, help="pixels, a multiple of 64")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row")
