@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,9 @@ def test_two_cpu_processes_split_data_and_stay_in_sync(tiny_model_dir, tmp_path)
                  "data.num_workers=0", "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.max_steps=3",
                  "trainer.checkpoint_every=2", "trainer.record_sample_keys=true", "optim.lr=1e-3", f"output_dir={out}"]
     # accelerate's --cpu flag multi-processes only via MPI; ACCELERATE_USE_CPU + torchrun gives gloo DDP.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: ranks.py runs from tmp_path, and must import this checkout rather than an installed copy.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(tmp_path / "ranks.py"), str(tmp_path), *overrides]
@@ -76,17 +80,46 @@ def test_two_cpu_processes_split_data_and_stay_in_sync(tiny_model_dir, tmp_path)
     assert ranks[0]["rng"]["noise"] != ranks[1]["rng"]["noise"]  # distinct noise streams per rank
 
 
-def dry_run(args: list[str], **env: str) -> str:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(["bash", str(REPO / "launch.sh"), *args], env={**base, "LAUNCH_DRY_RUN": "1", **env},
+# Variables launch.sh reads that the caller's shell may hold; each test sets what it needs.
+LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "NUM_CPU_PROCESSES", "NUM_CPU_THREADS", "OMP_NUM_THREADS",
+              "MAIN_PORT", "MASTER_PORT", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDRESS", "ACCELERATE_CONFIG")
+
+
+def launch_env(**env: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_ENV}
+    return {**base, **env}
+
+
+def run_launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "launch.sh"), *args], env=launch_env(LAUNCH_DRY_RUN="1", **env),
                           capture_output=True, text=True, timeout=60)
+
+
+def dry_run(args: list[str], **env: str) -> str:
+    proc = run_launch(args, **env)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return proc.stdout.strip().splitlines()[-1]  # DESIGN.md: the command is the last line
+
+
+def fake_bin(tmp_path: Path, **scripts: str) -> str:
+    """A PATH whose first folder holds the given executables (fake nvidia-smi, scontrol, accelerate)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (fake / name).write_text(body)
+        (fake / name).chmod(0o755)
+    return f"{fake}:{os.environ['PATH']}"
+
+
+def port_of(command: str) -> int:
+    words = command.split()
+    return int(words[words.index("--main_process_port") + 1])
 
 
 def test_launch_sh_single_machine_commands():
     assert dry_run(["trainer.max_steps=3"], NUM_GPUS="0") == (
         "accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
+        "--num_cpu_threads_per_process 1 "
         "-m train trainer.max_steps=3")
     assert dry_run(["a=b"], NUM_GPUS="0", NUM_CPU_PROCESSES="2").startswith(
         "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2")
@@ -96,18 +129,154 @@ def test_launch_sh_single_machine_commands():
 
 
 def test_launch_sh_reads_slurm(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node07\\ngpu-node08\\n'\n")
-    (fake / "scontrol").chmod(0o755)
+    path = fake_bin(tmp_path, scontrol="#!/bin/sh\nprintf 'gpu-node07\\ngpu-node08\\n'\n")
     out = dry_run(["x=y"], NUM_GPUS="4", SLURM_JOB_ID="123", SLURM_NNODES="2", SLURM_NODEID="1",
-                  SLURM_JOB_NODELIST="gpu-node[07-08]", MAIN_PORT="29600", PATH=f"{fake}:{os.environ['PATH']}")
+                  SLURM_JOB_NODELIST="gpu-node[07-08]", MAIN_PORT="29600", PATH=path)
     assert ("--num_processes 8 --num_machines 2 --machine_rank 1 --main_process_ip gpu-node07 "
             "--main_process_port 29600 -m train x=y") in out
 
 
 def test_launch_sh_rejects_unknown_accelerate_config():
-    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], capture_output=True, text=True,
-                          env={**os.environ, "ACCELERATE_CONFIG": "zero9", "LAUNCH_DRY_RUN": "1"})
+    proc = run_launch(["x=y"], ACCELERATE_CONFIG="zero9")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: ACCELERATE_CONFIG=zero9 — use ddp, fsdp, deepspeed_zero2 or a file")
+
+
+EIGHT_GPUS = "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n"
+
+
+def test_launch_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path):
+    path = fake_bin(tmp_path, **{"nvidia-smi": EIGHT_GPUS})
+    assert "--num_processes 8 " in dry_run(["x=y"], PATH=path)
+    assert "--num_processes 4 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert "--num_processes 2 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="GPU-5,GPU-7")
+    # CUDA stops reading the list at the first invalid index.
+    assert "--num_processes 2 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="0,1,-1,3")
+    for hidden in ("", "-1", "NoDevFiles"):  # set but empty (or SLURM's marker) means no GPU at all
+        assert "launch --cpu --num_processes 1 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES=hidden)
+    assert "--num_processes 3 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="0,1", NUM_GPUS="3")
+
+
+@pytest.mark.parametrize("slurm", [{"SLURM_NTASKS_PER_NODE": "8", "SLURM_NNODES": "1"},
+                                   {"SLURM_NTASKS": "8", "SLURM_NNODES": "2"},
+                                   {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2"}])
+def test_launch_sh_refuses_more_than_one_slurm_task_per_node(slurm):
+    proc = run_launch(["x=y"], NUM_GPUS="8", SLURM_JOB_ID="7", **slurm)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: launch.sh needs one SLURM task per node (srun --ntasks-per-node=1); "
+                                   "accelerate starts one process per GPU itself")
+
+
+def test_launch_sh_accepts_one_slurm_task_per_node(tmp_path):
+    path = fake_bin(tmp_path, scontrol="#!/bin/sh\nprintf 'n1\\nn2\\n'\n")
+    slurm = dict(SLURM_JOB_ID="7", SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
+                 SLURM_JOB_NODELIST="n[1-2]", PATH=path)
+    assert "--num_processes 16 --num_machines 2" in dry_run(["x=y"], NUM_GPUS="8", **slurm)
+    # The srun step is what runs us: one task per node there wins over the batch job's 8 tasks per node.
+    step = {**slurm, "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}
+    assert "--num_processes 16 --num_machines 2" in dry_run(["x=y"], NUM_GPUS="8", **step)
+
+
+def test_launch_sh_picks_a_free_port_on_one_machine():
+    port = port_of(dry_run(["x=y"], NUM_GPUS="2"))
+    assert port != 29500
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # it was free a moment ago
+    assert port_of(dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_PROCESSES="2")) != 29500
+
+
+def test_launch_sh_nodes_agree_on_the_port(tmp_path):
+    path = fake_bin(tmp_path, scontrol="#!/bin/sh\nprintf 'n1\\nn2\\n'\n")
+    slurm = dict(NUM_GPUS="8", SLURM_JOB_ID="123456", SLURM_NNODES="2", SLURM_JOB_NODELIST="n[1-2]", PATH=path)
+    ports = {port_of(dry_run(["x=y"], SLURM_NODEID=str(rank), **slurm)) for rank in (0, 1)}
+    assert ports == {20000 + 123456 % 20000}
+    assert port_of(dry_run(["x=y"], MASTER_PORT="31000", **slurm)) == 31000
+    assert port_of(dry_run(["x=y"], MASTER_PORT="31000", MAIN_PORT="31001", **slurm)) == 31001
+    # Without SLURM every node must still compute the same port, so no random choice there.
+    manual = dict(NUM_GPUS="8", NUM_MACHINES="2", MAIN_ADDRESS="10.0.0.1")
+    assert port_of(dry_run(["x=y"], MACHINE_RANK="1", **manual)) == 29500
+    assert port_of(dry_run(["x=y"], MASTER_PORT="31000", **manual)) == 31000
+
+
+def test_launch_sh_cpu_runs_use_one_thread_per_process_unless_told(tmp_path):
+    assert "--num_cpu_threads_per_process 1 " in dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_PROCESSES="2")
+    assert "--num_cpu_threads_per_process 2 " in dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_THREADS="2")
+    assert "--num_cpu_threads_per_process 4 " in dry_run(["x=y"], NUM_GPUS="0", OMP_NUM_THREADS="4")
+    assert "--num_cpu_threads_per_process" not in dry_run(["x=y"], NUM_GPUS="2")
+    # The launcher itself (and the demo's other steps) run with the same thread count.
+    seen = tmp_path / "seen"
+    path = fake_bin(tmp_path, accelerate=f'#!/bin/sh\necho "$OMP_NUM_THREADS $*" > {seen}\n')
+    env = launch_env(NUM_GPUS="0", PATH=path)
+    assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
+    assert seen.read_text().startswith("1 launch --cpu")
+    env["NUM_CPU_THREADS"] = "3"
+    assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
+    assert seen.read_text().startswith("3 launch --cpu")
+
+
+def signal_launch(tmp_path: Path, fake_accelerate: str, sig: signal.Signals) -> tuple[int, str]:
+    """Run launch.sh over a fake `accelerate`, signal launch.sh once the fake runs; (exit status, marker text)."""
+    marker = tmp_path / "marker"
+    env = launch_env(NUM_GPUS="0", MARKER=str(marker), PATH=fake_bin(tmp_path, accelerate=fake_accelerate))
+    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), "x=y"], env=env, start_new_session=True)
+    pid_file = Path(f"{marker}.pid")
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the fake has installed its traps before writing the pid
+        proc.send_signal(sig)
+        return proc.wait(timeout=30), marker.read_text().strip() if marker.exists() else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid_file.exists():  # an orphaned fake trainer (the bug) must not outlive the test
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# Stands in for `accelerate launch`: records its pid, then on TERM/INT writes which signal came and exits 77.
+FAKE_TRAINER = '''#!/usr/bin/env bash
+trap 'echo TERM > "$MARKER"; exit 77' TERM
+trap 'echo INT > "$MARKER"; exit 77' INT
+echo $$ > "$MARKER.pid"
+while :; do sleep 0.05; done
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_launch_sh_forwards_signals_to_training_and_returns_its_status(tmp_path, sig):
+    # 77 is the trainer's own exit status, not launch.sh's death by the signal.
+    assert signal_launch(tmp_path, FAKE_TRAINER, sig) == (77, sig.name[3:])
+
+
+# Like accelerate's one-process (--cpu) launcher: dies at once on TERM, while the trainer it started in the
+# same process group takes a while to checkpoint before it exits.
+FAKE_SIMPLE_LAUNCHER = '''#!/usr/bin/env bash
+bash -c 'trap "sleep 1; echo saved > \\"$MARKER\\"; exit 0" TERM
+         echo $$ > "$MARKER.pid"
+         while :; do sleep 0.05; done' &
+wait
+'''
+
+
+def test_launch_sh_returns_only_after_the_trainer_has_checkpointed(tmp_path):
+    # The launcher's status (it died of the TERM), but only once the trainer has written its checkpoint.
+    assert signal_launch(tmp_path, FAKE_SIMPLE_LAUNCHER, signal.SIGTERM) == (128 + signal.SIGTERM, "saved")
+
+
+def test_sdxl_experiment_logs_offline_on_compute_nodes():
+    from train.config import compose
+
+    assert compose(["experiment=sdxl_style"]).logger.mode == "offline"
+
+
+def test_docs_give_the_frozen_sdxl_size_with_the_bigg_image_encoder():
+    # UNet 4.78 + text encoders 1.52 + VAE 0.16 + CLIP bigG vision 3.44 GiB, in bf16 (2 bytes per parameter).
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Multi-GPU, multi-node, SLURM"):readme.index("### Sweeps")]
+    ddp = (REPO / "configs/accelerate/ddp.yaml").read_text()
+    for text in (section, ddp):
+        assert "9.9 GiB" in text and "7 GB" not in text
