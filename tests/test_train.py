@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from instantstyle.export import read_adapter_file
 from instantstyle.models import load_base
 from train.config import compose
-from train.task import DiffusionTask, build_adapter, build_base
+from train.builders import build_adapter, build_base
+from train.task import DiffusionTask
 from train.training import train
 from tests.helpers import tiny_overrides
 
@@ -50,7 +51,7 @@ def test_training_changes_only_style_adapter_weights(tiny_model_dir, shards, tmp
     assert torch.equal(tensors["image_proj.proj.weight"], run.adapter.image_proj.proj.weight)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 3 and summary["samples_seen"] == 6 and summary["final_loss"] > 0
-    assert "model:\n  _target_: train.task.build_base" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "model:\n  _target_: train.builders.build_base" in (tmp_path / "run" / "config.yaml").read_text()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-00000003"]
     assert not any(b"sekret-key-123" in p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file())
 

@@ -41,9 +41,9 @@ def require(checks: list[tuple[bool, str]]) -> None:
 
 @dataclass
 class ModelConfig:
-    """``model``: the frozen base (built by ``train.task.build_base``)."""
+    """``model``: the frozen base (built by ``train.builders.build_base``)."""
 
-    _target_: str = "train.task.build_base"
+    _target_: str = "train.builders.build_base"
     path: str = MISSING                 # diffusers folder or hub id of the base
     image_encoder: Optional[str] = None  # REPO:SUBFOLDER or a folder; null = PATH/image_encoder
     check_content_space: bool = True    # image and text embeddings must share one space (content subtraction)
@@ -52,9 +52,9 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    """``adapter``: what is trained (built by ``train.task.build_adapter`` on the base)."""
+    """``adapter``: what is trained (built by ``train.builders.build_adapter`` on the base)."""
 
-    _target_: str = "train.task.build_adapter"
+    _target_: str = "train.builders.build_adapter"
     _partial_: bool = True
     type: str = "ip_adapter"            # ip_adapter | ip_adapter_plus
     num_tokens: int = 4

@@ -17,7 +17,8 @@ from data_tools import synthetic
 from data_tools.toy_data import ToyData, to_clip, to_unit
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.models import BaseModel
-from train.task import AdaptedUNet, DiffusionTask, build_adapter
+from train.builders import build_adapter
+from train.task import AdaptedUNet, DiffusionTask
 
 
 def toy_batch(data: ToyData, idx: torch.Tensor, g: torch.Generator, text_drop: float) -> dict:
