@@ -24,15 +24,19 @@ if __name__ == "__main__":
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .generate import USER_ERRORS, StyleGenerator
+from .errors import GenerationError
+from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .grid import make_grid
-from .metrics import ClipEmbedder, content_leakage, mean_metrics, style_similarity, text_alignment
-from .pipeline import GenerationError, load_image
+
+# torch, transformers and the metrics load inside the functions that use them, so --help is instant.
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from .metrics import ClipEmbedder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -83,6 +87,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def load_references(styles: str | Path, captions: str | Path | None = None) -> list[StyleReference]:
     """Style images of a folder, sorted, with captions from a JSON mapping or sidecar ``.txt`` files."""
+    from .pipeline import load_image
+
     folder = Path(styles)
     if not folder.is_dir():
         raise GenerationError(f"style folder not found: {folder}")
@@ -135,6 +141,10 @@ def generate_setting(generator: StyleGenerator, refs: Sequence[StyleReference], 
 
 def score_samples(samples: list[dict], refs: Sequence[StyleReference], embedder: ClipEmbedder) -> None:
     """Add the three metrics to every sample, in place."""
+    import torch
+
+    from .metrics import content_leakage, style_similarity, text_alignment
+
     generated = embedder.embed_images([s["image"] for s in samples])
     ref_index = {ref.name: i for i, ref in enumerate(refs)}
     ref_embeds = embedder.embed_images([ref.image for ref in refs])
@@ -157,6 +167,10 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
                       config: EvalConfig, out_dir: str | Path | None = None,
                       embedder: ClipEmbedder | None = None, meta: dict | None = None) -> dict:
     """Generate and score every setting; writes metrics.json, metrics.md and grid.png when ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    from .metrics import ClipEmbedder
+
     if len({s.name for s in settings}) != len(settings):
         raise GenerationError("evaluation settings need distinct names")
     for setting in settings:  # fail before generating anything
@@ -186,6 +200,8 @@ def evaluate_adapter(generator: StyleGenerator, refs: Sequence[StyleReference], 
 def build_report(samples: list[dict], settings: Sequence[EvalSetting], config: EvalConfig,
                  refs: Sequence[StyleReference], meta: dict) -> dict:
     """The JSON-able report: run description, then per setting its means and samples."""
+    from .metrics import mean_metrics
+
     entries = []
     for setting in settings:
         rows = [{k: v for k, v in s.items() if k not in ("image", "setting")}
@@ -244,17 +260,17 @@ def parse_settings(blocks: list[str] | None, scales: str, content_scales: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.evaluate``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--styles", required=True, help="folder of style reference images (+ optional .txt captions)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--seeds", default="0", help="comma list")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, help="a multiple of 8 (default: the base model's size)")
+    p.add_argument("--width", type=int, help="a multiple of 8 (default: the base model's size)")
     p.add_argument("--content-captions", help="JSON {image name: caption}; default: sidecar .txt files")
     p.add_argument("--content-scale", default="0", help="comma list of λ; 0 = no subtraction")
     p.add_argument("--scale", default="1.0", help="comma list of image-branch scales")
@@ -262,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluator", help="CLIP folder or id to score with (default: the base's encoders)")
     p.add_argument("--image-encoder", help="repo[:subfolder] when the base has no image_encoder/")
     p.add_argument("--cell", type=int, default=256, help="grid cell size in pixels")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     return p
 
 
@@ -276,9 +292,12 @@ def run(args: argparse.Namespace) -> dict:
                         args.guidance, args.height, args.width, args.cell)
     refs = load_references(args.styles, args.content_captions)
     settings = parse_settings(args.blocks, args.scale, args.content_scale)
+    from .metrics import ClipEmbedder
+
+    device = resolve_device(args.device)
     generator = StyleGenerator.from_pretrained(args.base, args.adapter, image_encoder=args.image_encoder,
-                                               device=args.device)
-    embedder = ClipEmbedder.from_pretrained(args.evaluator, args.device) if args.evaluator else None
+                                               device=device)
+    embedder = ClipEmbedder.from_pretrained(args.evaluator, device) if args.evaluator else None
     meta = {"base": args.base, "adapter": str(args.adapter), "evaluator": args.evaluator or "base"}
     return evaluate_settings(generator, refs, settings, config, Path(args.out), embedder, meta)
 
@@ -288,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except USER_ERRORS as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except GenerationError as err:  # its own clause: argument errors need not import the ML libraries
+        return report_error(err)
+    except user_errors() as err:
+        return report_error(err)
     print(markdown_table(report), end="")
     print(f"report written to {args.out}")
     return 0
