@@ -235,11 +235,25 @@ def write_report(report: dict, samples: list[dict], refs: Sequence[StyleReferenc
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     (out_dir / "metrics.md").write_text(markdown_table(report))
     by_ref = {r.name: r.image for r in refs}
+    settings = {s["name"]: s for s in report["settings"]}
     cols = len(config.prompts)
-    tiles = []
+    tiles, row_labels = [], []
     for start in range(0, len(samples), cols):  # samples come row by row, prompts in order
-        tiles += [by_ref[samples[start]["style"]]] + [s["image"] for s in samples[start:start + cols]]
-    make_grid(tiles, rows=len(tiles) // (cols + 1), cols=cols + 1, cell=config.cell).save(out_dir / "grid.png")
+        first = samples[start]
+        tiles += [by_ref[first["style"]]] + [s["image"] for s in samples[start:start + cols]]
+        row_labels.append(row_label(settings[first["setting"]], first["style"], first["seed"]))
+    grid = make_grid(tiles, rows=len(row_labels), cols=cols + 1, cell=config.cell,
+                     column_labels=["reference", *config.prompts], row_labels=row_labels)
+    grid.save(out_dir / "grid.png")
+
+
+def row_label(setting: dict, style: str, seed: int) -> str:
+    """What a grid row shows: style and seed, blocks, scale and λ (the default font has no Greek)."""
+    blocks = setting["blocks"]
+    blocks = "adapter's" if blocks is None else blocks if isinstance(blocks, str) else ",".join(blocks)
+    lam = setting["content_scale"]
+    subtraction = "content subtracted" if lam else "no content subtraction"
+    return f"{style}, seed {seed}\nblocks {blocks}\nscale {setting['scale']:g}\nlambda={lam:g} ({subtraction})"
 
 
 def parse_settings(blocks: list[str] | None, scales: str, content_scales: str) -> list[EvalSetting]:
