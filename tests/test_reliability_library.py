@@ -251,3 +251,10 @@ def test_generate_cli_prints_no_deprecation_or_float32_notice(files, tiny_model_
     assert proc.returncode == 0, proc.stderr
     assert "torch_dtype" not in proc.stderr and "kept in float32" not in proc.stderr, proc.stderr
     assert (files["tmp"] / "quiet.jpg").is_file()
+
+
+def test_export_cli_dtype_choices_are_the_library_dtypes():
+    from instantstyle.export import DTYPES
+    from train.export import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
