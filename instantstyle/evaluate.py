@@ -26,27 +26,24 @@ if __name__ == "__main__":
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .generate import USER_ERRORS, StyleGenerator
+from .errors import GenerationError
+from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .grid import make_grid
-from .metrics import ClipEmbedder, content_leakage, mean_metrics, style_similarity, text_alignment
-from .pipeline import GenerationError, load_image
-from .style_metrics import (
-    CsdEncoder,
-    DinoEncoder,
-    ImageEncoder,
-    MetricModelError,
-    csd_style_similarity,
-    dino_content_leakage,
-)
+
+# torch, transformers and the metrics load inside the functions that use them, so --help is instant.
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from .metrics import ClipEmbedder
+    from .style_metrics import ImageEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Optional metrics that compare each generated image with its style reference through one encoder.
-REFERENCE_METRICS = {"csd_style_similarity": csd_style_similarity, "dino_content_leakage": dino_content_leakage}
+REFERENCE_METRICS = ("csd_style_similarity", "dino_content_leakage")  # functions of instantstyle.style_metrics
 OPTIONAL_COLUMNS = {"csd_style_similarity": "CSD style ↑", "dino_content_leakage": "DINO leakage ↓"}
 
 
@@ -96,6 +93,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def load_references(styles: str | Path, captions: str | Path | None = None) -> list[StyleReference]:
     """Style images of a folder, sorted, with captions from a JSON mapping or sidecar ``.txt`` files."""
+    from .pipeline import load_image
+
     folder = Path(styles)
     if not folder.is_dir():
         raise GenerationError(f"style folder not found: {folder}")
@@ -149,6 +148,10 @@ def generate_setting(generator: StyleGenerator, refs: Sequence[StyleReference], 
 def score_samples(samples: list[dict], refs: Sequence[StyleReference], embedder: ClipEmbedder,
                   encoders: Mapping[str, ImageEncoder] | None = None) -> None:
     """Add the three CLIP metrics, and one per optional encoder, to every sample, in place."""
+    import torch
+
+    from .metrics import content_leakage, style_similarity, text_alignment
+
     generated = embedder.embed_images([s["image"] for s in samples])
     ref_index = {ref.name: i for i, ref in enumerate(refs)}
     ref_embeds = embedder.embed_images([ref.image for ref in refs])
@@ -177,7 +180,9 @@ def score_against_references(samples: list[dict], refs: Sequence[StyleReference]
     generated = encoder.embed_images([s["image"] for s in samples])
     ref_index = {ref.name: i for i, ref in enumerate(refs)}
     references = encoder.embed_images([ref.image for ref in refs])[[ref_index[s["style"]] for s in samples]]
-    for sample, value in zip(samples, REFERENCE_METRICS[name](generated, references)):
+    from . import style_metrics
+
+    for sample, value in zip(samples, getattr(style_metrics, name)(generated, references)):
         sample[name] = float(value)
 
 
@@ -189,6 +194,10 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
 
     ``encoders`` maps optional metric names (``REFERENCE_METRICS``) to their image encoders.
     """
+    from tqdm.auto import tqdm
+
+    from .metrics import ClipEmbedder
+
     if len({s.name for s in settings}) != len(settings):
         raise GenerationError("evaluation settings need distinct names")
     for setting in settings:  # fail before generating anything
@@ -219,6 +228,8 @@ def evaluate_adapter(generator: StyleGenerator, refs: Sequence[StyleReference], 
 def build_report(samples: list[dict], settings: Sequence[EvalSetting], config: EvalConfig,
                  refs: Sequence[StyleReference], meta: dict) -> dict:
     """The JSON-able report: run description, then per setting its means and samples."""
+    from .metrics import mean_metrics
+
     entries = []
     for setting in settings:
         rows = [{k: v for k, v in s.items() if k not in ("image", "setting")}
@@ -255,11 +266,25 @@ def write_report(report: dict, samples: list[dict], refs: Sequence[StyleReferenc
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     (out_dir / "metrics.md").write_text(markdown_table(report))
     by_ref = {r.name: r.image for r in refs}
+    settings = {s["name"]: s for s in report["settings"]}
     cols = len(config.prompts)
-    tiles = []
+    tiles, row_labels = [], []
     for start in range(0, len(samples), cols):  # samples come row by row, prompts in order
-        tiles += [by_ref[samples[start]["style"]]] + [s["image"] for s in samples[start:start + cols]]
-    make_grid(tiles, rows=len(tiles) // (cols + 1), cols=cols + 1, cell=config.cell).save(out_dir / "grid.png")
+        first = samples[start]
+        tiles += [by_ref[first["style"]]] + [s["image"] for s in samples[start:start + cols]]
+        row_labels.append(row_label(settings[first["setting"]], first["style"], first["seed"]))
+    grid = make_grid(tiles, rows=len(row_labels), cols=cols + 1, cell=config.cell,
+                     column_labels=["reference", *config.prompts], row_labels=row_labels)
+    grid.save(out_dir / "grid.png")
+
+
+def row_label(setting: dict, style: str, seed: int) -> str:
+    """What a grid row shows: style and seed, blocks, scale and λ (the default font has no Greek)."""
+    blocks = setting["blocks"]
+    blocks = "adapter's" if blocks is None else blocks if isinstance(blocks, str) else ",".join(blocks)
+    lam = setting["content_scale"]
+    subtraction = "content subtracted" if lam else "no content subtraction"
+    return f"{style}, seed {seed}\nblocks {blocks}\nscale {setting['scale']:g}\nlambda={lam:g} ({subtraction})"
 
 
 def parse_settings(blocks: list[str] | None, scales: str, content_scales: str) -> list[EvalSetting]:
@@ -280,17 +305,17 @@ def parse_settings(blocks: list[str] | None, scales: str, content_scales: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.evaluate``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--styles", required=True, help="folder of style reference images (+ optional .txt captions)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--seeds", default="0", help="comma list")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, help="a multiple of 8 (default: the base model's size)")
+    p.add_argument("--width", type=int, help="a multiple of 8 (default: the base model's size)")
     p.add_argument("--content-captions", help="JSON {image name: caption}; default: sidecar .txt files")
     p.add_argument("--content-scale", default="0", help="comma list of λ; 0 = no subtraction")
     p.add_argument("--scale", default="1.0", help="comma list of image-branch scales")
@@ -300,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csd", metavar="PATH", help="CSD checkpoint (.pth or .safetensors): adds CSD style similarity")
     p.add_argument("--dino", metavar="PATH", help="DINO/DINOv2 model folder: adds DINO content leakage")
     p.add_argument("--cell", type=int, default=256, help="grid cell size in pixels")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     return p
 
 
@@ -314,10 +339,13 @@ def run(args: argparse.Namespace) -> dict:
                         args.guidance, args.height, args.width, args.cell)
     refs = load_references(args.styles, args.content_captions)
     settings = parse_settings(args.blocks, args.scale, args.content_scale)
-    encoders = load_metric_encoders(args.csd, args.dino, args.device)  # before the base: a bad path fails fast
+    from .metrics import ClipEmbedder
+
+    device = resolve_device(args.device)
+    encoders = load_metric_encoders(args.csd, args.dino, device)  # before the base: a bad path fails fast
     generator = StyleGenerator.from_pretrained(args.base, args.adapter, image_encoder=args.image_encoder,
-                                               device=args.device)
-    embedder = ClipEmbedder.from_pretrained(args.evaluator, args.device) if args.evaluator else None
+                                               device=device)
+    embedder = ClipEmbedder.from_pretrained(args.evaluator, device) if args.evaluator else None
     meta = {"base": args.base, "adapter": str(args.adapter), "evaluator": args.evaluator or "base",
             **({"csd": args.csd} if args.csd else {}), **({"dino": args.dino} if args.dino else {})}
     return evaluate_settings(generator, refs, settings, config, Path(args.out), embedder, meta, encoders)
@@ -325,6 +353,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def load_metric_encoders(csd: str | None, dino: str | None, device: str = "cpu") -> dict[str, ImageEncoder]:
     """Encoders of the optional metrics whose model paths are given (none: today's CLIP metrics only)."""
+    if not (csd or dino):
+        return {}
+    from .style_metrics import CsdEncoder, DinoEncoder
+
     encoders: dict[str, ImageEncoder] = {}
     if csd:
         encoders["csd_style_similarity"] = CsdEncoder.from_checkpoint(csd, device)
@@ -338,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (*USER_ERRORS, MetricModelError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except GenerationError as err:  # its own clause: argument errors need not import the ML libraries
+        return report_error(err)
+    except user_errors() as err:
+        return report_error(err)
     print(markdown_table(report), end="")
     print(f"report written to {args.out}")
     return 0

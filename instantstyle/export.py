@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, install_adapter
 from .blocks import cross_attention_layers, select_layers
+from .errors import AdapterFileError
 from .projection import build_image_projection
 
 FORMAT = "instantstyle-ip-adapter"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class AdapterFileError(ValueError):
-    """An adapter file that does not fit the base model or cannot be read."""
+# Metadata fields that hold whole numbers (all metadata values are strings).
+INTEGER_FIELDS = ("num_tokens", "image_embed_dim", "resampler_dim", "cross_attention_dim",
+                  "num_cross_attention_layers", "step")
 
 
 def export_tensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
@@ -74,12 +74,35 @@ def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
     """Write ``path`` atomically (temporary file, then rename) in the documented format."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"cannot export to {path}: it is a folder, give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step)
+    blob = canonical_safetensors(save(export_tensors(adapter, unet, dtype), metadata=metadata))
     tmp = path.with_name(path.name + ".tmp")
-    save_file(export_tensors(adapter, unet, dtype), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        # Python's open gives the usual 0666 & ~umask; safetensors' save_file makes files 0600.
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise AdapterFileError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors bytes with the metadata sorted, so equal weights give equal files.
+
+    safetensors keeps metadata in a Rust HashMap, whose order changes from call to call.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # tensor data must start 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,20 +111,70 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     if not path.is_file():
         raise AdapterFileError(f"adapter file not found: {path}")
     if path.suffix == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+    elif path.suffix in (".bin", ".pt", ".pth"):
+        tensors, metadata = _read_legacy(path), {}
+    else:
+        raise AdapterFileError(f"unsupported adapter file type {path.suffix!r}: use .safetensors or .bin")
+    check_tensors(tensors, path)
+    return tensors, metadata
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    if path.suffix in (".bin", ".pt", ".pth"):
-        # Legacy IP-Adapter checkpoints: tensors only, never arbitrary objects.
+    except Exception as err:  # safetensors raises its own error types for corrupt or truncated files
+        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0]}") from err
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    # Legacy IP-Adapter checkpoints: tensors only, never arbitrary objects.
+    try:
         nested = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(nested, dict) or "image_proj" not in nested or "ip_adapter" not in nested:
-            raise AdapterFileError(f"{path} is not an IP-Adapter checkpoint (no image_proj/ip_adapter)")
-        return {f"{group}.{k}": v for group in ("image_proj", "ip_adapter") for k, v in nested[group].items()}, {}
-    raise AdapterFileError(f"unsupported adapter file type {path.suffix!r}: use .safetensors or .bin")
+    except Exception as err:  # torch.load raises many types for files it cannot or must not read
+        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(nested, dict) or "image_proj" not in nested or "ip_adapter" not in nested:
+        raise AdapterFileError(f"{path} is not an IP-Adapter checkpoint (no image_proj/ip_adapter)")
+    flat = {}
+    for group in ("image_proj", "ip_adapter"):
+        if not isinstance(nested[group], dict):
+            raise AdapterFileError(f"{path}: {group} is a {type(nested[group]).__name__}, not a dict of tensors")
+        for key, value in nested[group].items():
+            if not isinstance(value, torch.Tensor):
+                raise AdapterFileError(f"{path}: {group}.{key} is a {type(value).__name__}, not a tensor")
+            flat[f"{group}.{key}"] = value
+    return flat
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse integer or non-finite weights, which would load and then generate garbage silently."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise AdapterFileError(f"{path}: {key} holds {value.dtype} values; adapter weights must be floating point")
+        if not torch.isfinite(value).all():
+            raise AdapterFileError(f"{path}: {key} contains NaN or inf values; export the adapter again")
+
+
+def check_metadata(metadata: dict[str, str], path: str | Path) -> None:
+    """One-line error naming the file and the first metadata field that cannot be parsed."""
+    for key in INTEGER_FIELDS:
+        if key in metadata and not str(metadata[key]).strip().lstrip("-").isdigit():
+            raise AdapterFileError(f"{path}: metadata field {key} is {metadata[key]!r}, not a whole number")
+    if "target_blocks" in metadata:
+        try:
+            blocks = json.loads(metadata["target_blocks"])
+        except json.JSONDecodeError:
+            blocks = None
+        if blocks != "all" and not (isinstance(blocks, list) and all(isinstance(b, str) and b for b in blocks)):
+            raise AdapterFileError(f"{path}: metadata field target_blocks is {metadata['target_blocks']!r}; "
+                                   'expected a JSON list of block names or "all"')
 
 
 def spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                   cross_attention_dim: int) -> AdapterSpec:
+                   cross_attention_dim: int, path: str | Path = "adapter file") -> AdapterSpec:
     """Recover the adapter spec from metadata, or from tensor shapes for public files."""
+    check_metadata(metadata, path)
     if "image_proj.latents" in tensors:
         latents = tensors["image_proj.latents"]
         adapter_type, num_tokens, resampler_dim = "ip_adapter_plus", latents.shape[1], latents.shape[2]
@@ -161,7 +234,7 @@ def load_adapter(path: str | Path, unet: UNet2DConditionModel,
     """
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
-    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
+    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     if blocks != "from_file":
         spec = AdapterSpec(spec.adapter_type, tuple(blocks) if blocks is not None else None,
                            spec.image_embed_dim, spec.num_tokens, spec.resampler_dim, spec.extra)

@@ -9,6 +9,7 @@ same denoising code. The UNet carries either diffusers' own IP-Adapter processor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,18 +25,14 @@ from diffusers import (
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from PIL import Image, UnidentifiedImageError
-from safetensors import safe_open
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .adapter import AdapterSpec, InstantStyleAdapter
 from .blocks import UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
-from .export import AdapterFileError, check_shapes, read_adapter_file, spec_from_file
+from .errors import AdapterFileError, GenerationError
+from .export import check_shapes, read_adapter_file, spec_from_file
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
-
-
-class GenerationError(ValueError):
-    """Bad input to InstantStyle inference; the message is one line a user can act on."""
 
 
 def load_image(path: str | Path, what: str = "style image") -> Image.Image:
@@ -60,7 +57,7 @@ def _load_image_encoder(base: str, image_encoder: str | None, dtype: torch.dtype
     repo, sub = resolve_image_encoder(base, image_encoder)
     kwargs = {"subfolder": sub} if sub else {}
     try:
-        return CLIPVisionModelWithProjection.from_pretrained(repo, torch_dtype=dtype, **kwargs)
+        return CLIPVisionModelWithProjection.from_pretrained(repo, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise BaseModelError(f"cannot load image encoder {repo}: {str(err).splitlines()[0]}") from err
 
@@ -70,13 +67,13 @@ def load_pipeline(base: str, *, image_encoder: str | None = None, dtype: torch.d
                   controlnet: str | ControlNetModel | None = None) -> StableDiffusionXLPipeline:
     """Stock SDXL pipeline (ControlNet variant when ``controlnet`` is given) with an image encoder."""
     encoder = _load_image_encoder(base, image_encoder, dtype)
-    kwargs = {"image_encoder": encoder, "torch_dtype": dtype}
+    kwargs = {"image_encoder": encoder, "dtype": dtype}
     try:
         if controlnet is None:
             pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
         else:
             if not isinstance(controlnet, ControlNetModel):
-                controlnet = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+                controlnet = ControlNetModel.from_pretrained(controlnet, dtype=dtype)
             pipe = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=controlnet, **kwargs)
     except (OSError, ValueError) as err:
         raise BaseModelError(f"cannot load SDXL pipeline from {base}: {str(err).splitlines()[0]}") from err
@@ -100,7 +97,7 @@ def read_checked_adapter(path: str | Path, unet: UNet2DConditionModel) -> tuple[
     """Tensors (nested as diffusers expects) and spec of an adapter file that fits ``unet``."""
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
-    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
+    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     # diffusers needs every cross-attention layer's weights, trained or not.
     everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
     check_shapes(tensors, unet, everything, path)
@@ -117,8 +114,26 @@ def load_ip_weights(pipe: StableDiffusionXLPipeline, path: str | Path) -> Adapte
         encoder, extractor = pipe.image_encoder, pipe.feature_extractor
         pipe.unload_ip_adapter()
         pipe.register_modules(image_encoder=encoder, feature_extractor=extractor)
-    pipe.load_ip_adapter(nested, subfolder="", weight_name="", image_encoder_folder=None)
+    with _without_empty_fp32_notice():
+        pipe.load_ip_adapter(nested, subfolder="", weight_name="", image_encoder_folder=None)
     return spec
+
+
+class _EmptyFp32Notice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextmanager
+def _without_empty_fp32_notice() -> Iterator[None]:
+    # load_ip_adapter re-casts the UNet to its own dtype, and diffusers warns about the modules it
+    # must keep in float32 even when there are none: a false alarm on every load, so drop just that.
+    logger, notice = logging.getLogger("diffusers.models.modeling_utils"), _EmptyFp32Notice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def target_layers(unet: UNet2DConditionModel, blocks: Sequence[str] | None) -> list[str]:
@@ -202,27 +217,25 @@ def meta_unet(base: str) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config)
 
 
-def adapter_shapes(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Meta tensors with the file's shapes (safetensors header only) and its metadata."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        tensors, metadata = read_adapter_file(path)
-        return {k: v.to("meta") for k, v in tensors.items()}, metadata
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0]}") from err
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}, metadata
-
-
 def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None) -> None:
     """Check that the adapter fits the base and the blocks exist before loading any weights."""
     path = Path(adapter)
-    tensors, metadata = adapter_shapes(path)
+    # The whole file, not just its header: NaN or integer weights must fail before the base loads.
+    tensors, metadata = read_adapter_file(path)
     unet = meta_unet(base)
-    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim)
+    spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
-    check_shapes(tensors, unet, everything, path)
+    try:
+        check_shapes(tensors, unet, everything, path)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{err}{trained_for(metadata, base)}") from err
     chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(unet))
     target_layers(unet, None if chosen is None else list(chosen))
+
+
+def trained_for(metadata: dict[str, str], base: str) -> str:
+    """``"; it was trained for X"`` when the file names a base model other than ``base``, else ""."""
+    trained = metadata.get("base_model", "")
+    if not trained or Path(trained).expanduser().resolve() == Path(base).expanduser().resolve():
+        return ""
+    return f"; it was trained for {trained} (pass --base {trained})"

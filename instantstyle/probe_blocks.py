@@ -26,9 +26,7 @@ if __name__ == "__main__":
 
 from collections.abc import Sequence
 from pathlib import Path
-
-from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from .blocks import block_names, block_of, cross_attention_layers
 from .evaluate import (
@@ -42,8 +40,11 @@ from .evaluate import (
     score_samples,
     write_report,
 )
-from .generate import USER_ERRORS, StyleGenerator
-from .metrics import METRICS, ClipEmbedder
+from .generate import HelpFormatter, StyleGenerator, report_error, user_errors
+
+# diffusers, transformers and the metrics load inside the functions that use them, so --help is instant.
+if TYPE_CHECKING:
+    from .metrics import ClipEmbedder
 
 NO_ADAPTER, ALL_BLOCKS = "none", "all"
 
@@ -58,6 +59,8 @@ def probe_settings(generator: StyleGenerator, scale: float = 1.0, content_scale:
 
 def active_layers(generator: StyleGenerator) -> list[str]:
     """Cross-attention layers whose image branch currently has a non-zero scale (read from the UNet)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
     if generator.adapter is not None:
         return [name for name, proc in zip(generator.adapter.layer_names, generator.adapter.layers) if proc.scale]
     return [name for name, proc in generator.pipe.unet.attn_processors.items()
@@ -67,6 +70,10 @@ def active_layers(generator: StyleGenerator) -> list[str]:
 def probe(generator: StyleGenerator, refs: Sequence[StyleReference], config: EvalConfig, *, scale: float = 1.0,
           content_scale: float = 0.0, embedder: ClipEmbedder | None = None) -> tuple[dict, list[dict]]:
     """Generate and score every probe setting; returns (report, samples with images)."""
+    from tqdm.auto import tqdm
+
+    from .metrics import ClipEmbedder
+
     settings = probe_settings(generator, scale, content_scale)
     embedder = embedder or ClipEmbedder.from_pipeline(generator.pipe)
     generator.pipe.set_progress_bar_config(disable=True)
@@ -85,6 +92,8 @@ def probe(generator: StyleGenerator, refs: Sequence[StyleReference], config: Eva
 
 def add_deltas(report: dict, enabled: dict[str, list[str]]) -> None:
     """Per setting: enabled layers/blocks and each metric minus its no-adapter value, in place."""
+    from .metrics import METRICS
+
     baseline = next(s["mean"] for s in report["settings"] if s["name"] == NO_ADAPTER)
     for setting in report["settings"]:
         layers = enabled[setting["name"]]
@@ -117,6 +126,8 @@ def bar_chart(report: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .metrics import METRICS
+
     rows = [s for s in report["settings"] if s["name"] != NO_ADAPTER]
     names = [s["name"].replace(".attentions.", ".a") for s in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.0))
@@ -147,20 +158,20 @@ def write_probe(report: dict, samples: list[dict], refs: Sequence[StyleReference
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.probe_blocks``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True, help="an adapter trained with blocks=all")
     p.add_argument("--styles", required=True, help="folder of style images (+ .txt content captions)")
     p.add_argument("--prompts", required=True, nargs="+", help="a prompts file (one per line) or the prompts")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--seeds", default="0", help="comma list")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--scale", type=float, default=1.0, help="image-branch scale of the enabled block")
     p.add_argument("--content-scale", type=float, default=0.0, help="λ of content subtraction (0 = none)")
     p.add_argument("--content-captions", help="JSON {image name: caption}; default: sidecar .txt files")
     p.add_argument("--cell", type=int, default=128, help="grid cell size in pixels")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device")
     return p
 
 
@@ -180,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         refs = load_references(args.styles, args.content_captions)
         generator = StyleGenerator.from_pretrained(args.base, args.adapter, device=args.device)
         report, samples = probe(generator, refs, config, scale=args.scale, content_scale=args.content_scale)
-    except (*USER_ERRORS, ValueError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (*user_errors(), ValueError) as err:
+        return report_error(err)
     write_probe(report, samples, refs, config, args.out)
     print(probe_table(report), end="")
     print(f"probe written to {args.out}")

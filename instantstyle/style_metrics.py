@@ -44,13 +44,14 @@ from transformers import (
     ViTModel,
 )
 
+from .errors import GenerationError
 from .metrics import paired_cosine
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class MetricModelError(ValueError):
+class MetricModelError(GenerationError):
     """A metric model (CSD checkpoint, DINO folder) that is missing or not of the expected layout."""
 
 

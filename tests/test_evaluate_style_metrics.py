@@ -14,6 +14,7 @@ from test_evaluate import ColourEmbedder
 from test_style_metrics import csd_state, hand_cosines, random_csd, save_tiny_vit
 
 import instantstyle.evaluate as evaluate
+import instantstyle.style_metrics as style_metrics
 
 PROMPTS = ["a red circle", "a cat"]
 
@@ -45,7 +46,9 @@ def cli(tmp_path, monkeypatch):
     save_file(csd_state(visual, head), tmp_path / "csd.safetensors")
     dino = save_tiny_vit(tmp_path / "dino", "vit")
     monkeypatch.setattr(evaluate, "StyleGenerator", SimpleNamespace(from_pretrained=lambda *a, **k: TintGenerator()))
-    monkeypatch.setattr(evaluate, "ClipEmbedder", SimpleNamespace(from_pipeline=lambda pipe: ColourEmbedder()))
+    import instantstyle.metrics as metrics  # evaluate imports it lazily, inside the functions that need it
+
+    monkeypatch.setattr(metrics, "ClipEmbedder", SimpleNamespace(from_pipeline=lambda pipe: ColourEmbedder()))
     args = ["--base", "unused", "--adapter", "unused", "--styles", str(styles), "--prompts",
             str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "report"), "--seeds", "0,5", "--device", "cpu"]
     return SimpleNamespace(tmp=tmp_path, styles=styles, args=args, visual=visual, head=head, dino=dino)
@@ -53,8 +56,8 @@ def cli(tmp_path, monkeypatch):
 
 def reference_features(cli, images):
     """CSD vectors through the independent OpenAI-style forward, and DINO class tokens, computed here."""
-    csd = evaluate.CsdEncoder.from_checkpoint(cli.tmp / "csd.safetensors")
-    dino = evaluate.DinoEncoder.from_pretrained(cli.tmp / "dino")
+    csd = style_metrics.CsdEncoder.from_checkpoint(cli.tmp / "csd.safetensors")
+    dino = style_metrics.DinoEncoder.from_pretrained(cli.tmp / "dino")
     with torch.no_grad():
         style = cli.visual(csd.processor(images, return_tensors="pt").pixel_values) @ cli.head
         tokens = cli.dino(dino.processor(images, return_tensors="pt").pixel_values).last_hidden_state[:, 0]

@@ -119,25 +119,45 @@ def verdict(summary: list[dict]) -> dict[str, bool]:
     return checks
 
 
-def claim_plot(summary: list[dict], path: Path) -> None:
-    """Grouped bars per condition for the four scores."""
+def tick_label(blocks: str, subtraction: bool, width: int = 14) -> str:
+    """A condition's x-axis label: the block name broken at dots into short lines, then "−content"."""
+    lines: list[str] = []
+    for part in blocks.split("."):
+        if lines and len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += "." + part
+        else:
+            lines.append(part if not lines else "." + part)
+    return "\n".join(lines + (["−content"] if subtraction else []))
+
+
+def claim_figure(summary: list[dict]):
+    """Grouped bars per condition for the four scores (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"{s['blocks']}{' −content' if s['subtraction'] else ''}" for s in summary]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    names = [tick_label(s["blocks"], s["subtraction"]) for s in summary]
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.2 * len(summary) + 1), 4.5))
     width = 0.2
     for i, (k, colour) in enumerate(zip(SCORES, ("tab:purple", "tab:blue", "tab:green", "tab:red"))):
         xs = [x + (i - 1.5) * width for x in range(len(summary))]
         ax.bar(xs, [s[k] for s in summary], width, yerr=[s[k + "_std"] for s in summary], label=k, color=colour)
-    ax.set_xticks(range(len(summary)), names, rotation=20)
+    # Horizontal, wrapped labels: rotated ones still collided for long block names.
+    ax.set_xticks(range(len(summary)), names, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of generated images")
     ax.set_title("Toy world: style vs. content by injected blocks (mean ± std over seeds)")
     ax.legend(fontsize=8, ncol=4, loc="upper center")
     fig.tight_layout()
+    return fig
+
+
+def claim_plot(summary: list[dict], path: Path) -> None:
+    """Write the grouped bar chart to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = claim_figure(summary)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
