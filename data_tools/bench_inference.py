@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from instantstyle.adapter import AdapterSpec, install_adapter
+from instantstyle.blocks import ALL_BLOCKS
 from instantstyle.export import export_safetensors
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
@@ -40,7 +41,7 @@ def tiny_setup(folder: Path) -> tuple[str, Path]:
     base_dir = str(save_tiny_model(folder / "base", seed=0))
     base = load_base(base_dir)
     torch.manual_seed(0)
-    adapter = install_adapter(base.unet, AdapterSpec(blocks=None, image_embed_dim=base.image_encoder.config.projection_dim))
+    adapter = install_adapter(base.unet, AdapterSpec(blocks=ALL_BLOCKS, image_embed_dim=base.image_encoder.config.projection_dim))
     with torch.no_grad():
         for param in adapter.parameters():
             param.add_(torch.randn_like(param) * 0.5)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data_tools import synthetic
@@ -80,6 +81,6 @@ def prompt_shapes(reference: dict, count: int) -> list[str]:
     return [others[(start + k) % len(others)] for k in range(count)]
 
 
-def reference_image(attributes: dict) -> "Image.Image":
+def reference_image(attributes: dict) -> Image.Image:
     """The 64 px render of a sample's attributes (a style reference)."""
     return synthetic.render(attributes, 64)

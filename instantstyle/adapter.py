@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .attention import DecoupledCrossAttnProcessor, TextOnlyCrossAttnProcessor
-from .blocks import cross_attention_layers, export_id, select_layers
+from .blocks import ALL_BLOCKS, cross_attention_layers, export_id, select_layers
 from .projection import build_image_projection
 
 
@@ -27,7 +27,7 @@ class AdapterSpec:
     """What an adapter is: enough to rebuild it on a base model (also written to export metadata)."""
 
     adapter_type: str = "ip_adapter"
-    blocks: tuple[str, ...] | None = ("up_blocks.0.attentions.1",)  # None = every cross-attention layer
+    blocks: tuple[str, ...] = ("up_blocks.0.attentions.1",)  # block prefixes; ALL_BLOCKS = every layer
     image_embed_dim: int = 1280
     num_tokens: int = 4
     resampler_dim: int = 1280
@@ -35,19 +35,22 @@ class AdapterSpec:
 
     def to_metadata(self) -> dict[str, str]:
         """The spec as strings: export header metadata and checkpoint identity are both this."""
-        blocks = list(self.blocks) if self.blocks is not None else "all"
-        return {"adapter_type": self.adapter_type, "target_blocks": json.dumps(blocks),
+        return {"adapter_type": self.adapter_type, "target_blocks": json.dumps(list(self.blocks)),
                 "num_tokens": str(self.num_tokens), "image_embed_dim": str(self.image_embed_dim),
                 "resampler_dim": str(self.resampler_dim), **{k: str(v) for k, v in self.extra.items()}}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> "AdapterSpec":
-        """Inverse of ``to_metadata`` (also reads milestone-1 checkpoint identities, whose values were not strings)."""
-        blocks = meta.get("target_blocks", "all")
-        blocks = json.loads(blocks) if isinstance(blocks, str) and blocks[:1] in '["' else blocks
+        """Inverse of ``to_metadata``; also reads older files and checkpoints, which wrote "all" and non-strings."""
         extra = {k: str(meta[k]) for k in ("base_model", "image_encoder", "step") if k in meta}
-        return cls(str(meta["adapter_type"]), None if blocks == "all" else tuple(blocks), int(meta["image_embed_dim"]),
+        return cls(str(meta["adapter_type"]), blocks_from_metadata(meta.get("target_blocks")), int(meta["image_embed_dim"]),
                    int(meta["num_tokens"]), int(meta.get("resampler_dim", 1280)), extra)
+
+
+def blocks_from_metadata(value: Any) -> tuple[str, ...]:
+    """The block tuple of a ``target_blocks`` entry: a JSON list, a list, or the older spelling "all" (or none)."""
+    blocks = json.loads(value) if isinstance(value, str) and value[:1] in '["' else value
+    return ALL_BLOCKS if blocks in (None, "all") else tuple(blocks)
 
 
 class InstantStyleAdapter(nn.Module):
@@ -92,7 +95,7 @@ def install_adapter(unet: UNet2DConditionModel, spec: AdapterSpec,
     """Freeze ``unet`` and give only the target blocks' cross-attention an image branch."""
     names = list(unet.attn_processors.keys())
     all_cross = cross_attention_layers(names)
-    targets = select_layers(names, list(spec.blocks) if spec.blocks is not None else None)
+    targets = select_layers(names, spec.blocks)
     unet.requires_grad_(False)
     processors = {name: proc for name, proc in unet.attn_processors.items()}
     ip_procs = []

@@ -39,8 +39,7 @@ def count_trainable(model: str, preset: str, adapter_type: str) -> dict[str, int
 
 
 def _blocks(preset: str, model: str):
-    blocks = preset_blocks(preset, model)
-    return tuple(blocks) if blocks is not None else None
+    return tuple(preset_blocks(preset, model))
 
 
 def _fmt(n: float) -> str:
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted([*MODELS, "flux"]), default="sdxl")
     args = parser.parse_args(argv)
-    print(f"| blocks | projection | layers | image-branch params | projection params | trainable | "
+    print("| blocks | projection | layers | image-branch params | projection params | trainable | "
           f"AdamW state+grad+weights | AdamW8bit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     if args.model == "flux":

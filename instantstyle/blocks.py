@@ -32,6 +32,9 @@ SD15_PRESETS: dict[str, list[str]] = {
 }
 
 PRESET_NAMES = ("style", "layout", "style_layout", "all")
+# "All blocks" as block prefixes: every attention of a diffusers UNet lives under one of these. After
+# resolution a block choice is always a tuple of prefixes; the word "all" exists only where users type it.
+ALL_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 
 
 class UnknownBlockError(ValueError):
@@ -70,10 +73,10 @@ def block_names(layers: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(block_of(layer) for layer in layers))
 
 
-def preset_blocks(preset: str, family: str) -> list[str] | None:
-    """Block list of a preset for a model family ('sdxl' or 'sd15'); None means all."""
+def preset_blocks(preset: str, family: str) -> list[str]:
+    """Block list of a preset for a model family ('sdxl' or 'sd15')."""
     if preset == "all":
-        return None
+        return list(ALL_BLOCKS)
     table = SD15_PRESETS if family == "sd15" else SDXL_PRESETS
     if preset not in table:
         raise UnknownBlockError(f"unknown block preset {preset!r}; valid: {', '.join(PRESET_NAMES)}")
@@ -84,14 +87,14 @@ def _matches(layer: str, prefix: str) -> bool:
     return layer == prefix or layer.startswith(prefix + ".")
 
 
-def select_layers(layers: Sequence[str], blocks: Sequence[str] | None) -> list[str]:
-    """The cross-attention layers inside ``blocks`` (prefixes); ``None`` selects all.
+def select_layers(layers: Sequence[str], blocks: Sequence[str]) -> list[str]:
+    """The cross-attention layers inside ``blocks`` (prefixes), in UNet order.
 
     Raises ``UnknownBlockError`` naming the valid blocks when a prefix matches nothing.
     """
     cross = cross_attention_layers(layers)
-    if blocks is None:
-        return cross
+    if tuple(blocks) == ALL_BLOCKS:
+        return cross  # a UNet may lack attention in one of the three parts; "all" still means all it has
     if not blocks:
         raise UnknownBlockError("no target blocks given; use a preset (style, layout, style_layout, all)")
     for prefix in blocks:
@@ -101,15 +104,18 @@ def select_layers(layers: Sequence[str], blocks: Sequence[str] | None) -> list[s
     return [layer for layer in cross if any(_matches(layer, p) for p in blocks)]
 
 
-def resolve_blocks(spec: str | Sequence[str] | None, family: str = "sdxl") -> list[str] | None:
+def is_preset(name: str, family: str = "sdxl") -> bool:
+    """True for a preset name of this family (``all``, the common presets, SD 1.5's ``*_narrow``)."""
+    return name in PRESET_NAMES or name in (SD15_PRESETS if family == "sd15" else SDXL_PRESETS)
+
+
+def resolve_blocks(spec: str | Sequence[str], family: str = "sdxl") -> list[str]:
     """Turn a preset name, a comma-separated string or a list of prefixes into a block list."""
-    if spec is None:
-        return None
     if isinstance(spec, str):
-        if spec in PRESET_NAMES:
+        if is_preset(spec, family):
             return preset_blocks(spec, family)
         spec = [s.strip() for s in spec.split(",") if s.strip()]
     spec = list(spec)
-    if len(spec) == 1 and spec[0] in PRESET_NAMES:
+    if len(spec) == 1 and is_preset(spec[0], family):
         return preset_blocks(spec[0], family)
     return spec

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
-from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, install_adapter
-from .blocks import cross_attention_layers, select_layers
+from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, blocks_from_metadata, install_adapter
+from .blocks import cross_attention_layers, export_id, select_layers
 from .errors import AdapterFileError
 from .projection import build_image_projection
 
@@ -38,7 +39,7 @@ def export_tensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
     tensors = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
     trained = dict(zip(adapter.layer_names, adapter.layers))
     for i, name in enumerate(adapter.all_layer_names):
-        key = f"ip_adapter.{2 * i + 1}"
+        key = f"ip_adapter.{export_id(i)}"
         if name in trained:
             to_k, to_v = trained[name].to_k_ip.weight, trained[name].to_v_ip.weight
         else:
@@ -53,12 +54,8 @@ def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, 
     """String metadata stored in the safetensors header."""
     spec = adapter.spec
     return {
+        **spec.to_metadata(),
         "format": FORMAT,
-        "adapter_type": spec.adapter_type,
-        "target_blocks": json.dumps(list(spec.blocks) if spec.blocks is not None else "all"),
-        "num_tokens": str(spec.num_tokens),
-        "image_embed_dim": str(spec.image_embed_dim),
-        "resampler_dim": str(spec.resampler_dim),
         "cross_attention_dim": str(unet.config.cross_attention_dim),
         "num_cross_attention_layers": str(len(adapter.all_layer_names)),
         "base_model": base_model or str(spec.extra.get("base_model", "")),
@@ -185,10 +182,10 @@ def spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         num_tokens, image_embed_dim = weight.shape[0] // cross_attention_dim, weight.shape[1]
     else:
         raise AdapterFileError("unsupported image projection: expected image_proj.proj.* or image_proj.latents")
-    blocks = json.loads(metadata.get("target_blocks", '"all"'))
+    # Public files have no metadata: they were trained with an image branch on every layer.
+    blocks = blocks_from_metadata(metadata.get("target_blocks"))
     extra = {k: metadata[k] for k in ("base_model", "image_encoder", "step") if k in metadata}
-    return AdapterSpec(adapter_type, None if blocks == "all" else tuple(blocks), int(image_embed_dim),
-                       int(num_tokens), int(resampler_dim), extra)
+    return AdapterSpec(adapter_type, blocks, int(image_embed_dim), int(num_tokens), int(resampler_dim), extra)
 
 
 def expected_shapes(unet: UNet2DConditionModel, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
@@ -199,12 +196,12 @@ def expected_shapes(unet: UNet2DConditionModel, spec: AdapterSpec) -> dict[str, 
                                       num_tokens=spec.num_tokens, resampler_dim=spec.resampler_dim)
     shapes = {f"image_proj.{k}": tuple(v.shape) for k, v in proj.state_dict().items()}
     names = list(unet.attn_processors.keys())
-    targets = set(select_layers(names, list(spec.blocks) if spec.blocks is not None else None))
+    targets = set(select_layers(names, spec.blocks))
     for i, name in enumerate(cross_attention_layers(names)):
         if name in targets:
             shape = tuple(attention_module(unet, name).to_k.weight.shape)
             for part in ("to_k_ip", "to_v_ip"):
-                shapes[f"ip_adapter.{2 * i + 1}.{part}.weight"] = shape
+                shapes[f"ip_adapter.{export_id(i)}.{part}.weight"] = shape
     return shapes
 
 
@@ -226,18 +223,18 @@ def check_shapes(tensors: dict[str, torch.Tensor], unet: UNet2DConditionModel, s
 
 
 def load_adapter(path: str | Path, unet: UNet2DConditionModel,
-                 blocks: list[str] | None | str = "from_file") -> InstantStyleAdapter:
+                 blocks: Sequence[str] | None = None) -> InstantStyleAdapter:
     """Install an adapter on ``unet`` from our export or a public IP-Adapter file.
 
-    ``blocks`` overrides the target blocks (``None`` = all); by default they come from the
-    file's metadata, and public files (no metadata) are treated as trained on all layers.
+    ``blocks`` (block prefixes) overrides the target blocks; ``None`` = the file's own, from its
+    metadata (public files have none and are treated as trained on all layers).
     """
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
-    if blocks != "from_file":
-        spec = AdapterSpec(spec.adapter_type, tuple(blocks) if blocks is not None else None,
-                           spec.image_embed_dim, spec.num_tokens, spec.resampler_dim, spec.extra)
+    if blocks is not None:
+        spec = AdapterSpec(spec.adapter_type, tuple(blocks), spec.image_embed_dim, spec.num_tokens,
+                           spec.resampler_dim, spec.extra)
     check_shapes(tensors, unet, spec, path)
     adapter = install_adapter(unet, spec)
     state = {k.removeprefix("image_proj."): v for k, v in tensors.items() if k.startswith("image_proj.")}

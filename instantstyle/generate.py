@@ -79,7 +79,7 @@ class StyleGenerator:
         self.pipe = pipe
         self.spec = spec
         self.family = model_family(pipe.unet)
-        self.blocks = blocks  # None = every cross-attention layer
+        self.blocks = blocks  # block prefixes the image branch is on (ALL_BLOCKS = every layer)
         self.adapter = adapter  # set only when our own processors are installed (training validation)
         target_layers(pipe.unet, blocks)  # fail early on unknown blocks
 
@@ -114,7 +114,7 @@ class StyleGenerator:
             pipe.register_modules(feature_extractor=feature_extractor_for(pipe.image_encoder))
         spec = load_ip_weights(pipe, adapter)
         chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(pipe.unet))
-        return cls(pipe, spec, None if chosen is None else list(chosen))
+        return cls(pipe, spec, list(chosen))
 
     @classmethod
     def from_base(cls, base: BaseModel, adapter: InstantStyleAdapter,
@@ -123,7 +123,7 @@ class StyleGenerator:
         from .pipeline import pipeline_from_base
 
         chosen = adapter.spec.blocks if blocks is None else resolve_blocks(blocks, base.family)
-        return cls(pipeline_from_base(base), adapter.spec, None if chosen is None else list(chosen), adapter)
+        return cls(pipeline_from_base(base), adapter.spec, list(chosen), adapter)
 
     def encode_style(self, style_image: ImageInput, *, content_prompt: str | None = None,
                      content_embeds: torch.Tensor | None = None,
@@ -177,7 +177,7 @@ class StyleGenerator:
         embeds = torch.cat([negative, style]) if guidance > 1.0 else style
         return [embeds.unsqueeze(1).to(self.pipe.unet.device, self.pipe.unet.dtype)]
 
-    def set_scale(self, scale: float, blocks: list[str] | None) -> None:
+    def set_scale(self, scale: float, blocks: list[str]) -> None:
         """``scale`` on the target blocks' layers, nothing anywhere else."""
         from .pipeline import set_layer_scales, target_layers
 
@@ -185,16 +185,15 @@ class StyleGenerator:
             set_layer_scales(self.pipe.unet, blocks, scale)
             return
         target_layers(self.pipe.unet, blocks)
-        self.adapter.set_scale(float(scale) if blocks is None else {b: float(scale) for b in blocks})
+        self.adapter.set_scale({b: float(scale) for b in blocks})
 
-    def resolve_blocks(self, blocks: str | Sequence[str] | None) -> list[str] | None:
+    def resolve_blocks(self, blocks: str | Sequence[str] | None) -> list[str]:
         """Checked block list of a per-call override (``None`` keeps the generator's blocks)."""
         from .pipeline import target_layers
 
         if blocks is None:
             return self.blocks
         chosen = resolve_blocks(blocks, self.family)
-        chosen = None if chosen is None else list(chosen)
         target_layers(self.pipe.unet, chosen)
         return chosen
 

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .adapter import AdapterSpec, InstantStyleAdapter
-from .blocks import UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
+from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
 from .errors import AdapterFileError, GenerationError
 from .export import check_shapes, read_adapter_file, spec_from_file
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
@@ -99,7 +99,7 @@ def read_checked_adapter(path: str | Path, unet: UNet2DConditionModel) -> tuple[
     tensors, metadata = read_adapter_file(path)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     # diffusers needs every cross-attention layer's weights, trained or not.
-    everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
+    everything = AdapterSpec(spec.adapter_type, ALL_BLOCKS, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
     check_shapes(tensors, unet, everything, path)
     nested = {group: {k.removeprefix(group + "."): v for k, v in tensors.items() if k.startswith(group + ".")}
               for group in ("image_proj", "ip_adapter")}
@@ -136,12 +136,12 @@ def _without_empty_fp32_notice() -> Iterator[None]:
         logger.removeFilter(notice)
 
 
-def target_layers(unet: UNet2DConditionModel, blocks: Sequence[str] | None) -> list[str]:
-    """Cross-attention layers of ``blocks`` (``None`` = all); ``UnknownBlockError`` lists valid blocks."""
-    return select_layers(list(unet.attn_processors.keys()), None if blocks is None else list(blocks))
+def target_layers(unet: UNet2DConditionModel, blocks: Sequence[str]) -> list[str]:
+    """Cross-attention layers of ``blocks``; ``UnknownBlockError`` lists valid blocks."""
+    return select_layers(list(unet.attn_processors.keys()), list(blocks))
 
 
-def set_layer_scales(unet: UNet2DConditionModel, blocks: Sequence[str] | None, scale: float) -> None:
+def set_layer_scales(unet: UNet2DConditionModel, blocks: Sequence[str], scale: float) -> None:
     """Scale ``scale`` on the layers of ``blocks`` and exactly 0 (skipped by diffusers) elsewhere."""
     targets = set(target_layers(unet, blocks))
     for name, proc in unet.attn_processors.items():
@@ -149,14 +149,14 @@ def set_layer_scales(unet: UNet2DConditionModel, blocks: Sequence[str] | None, s
             proc.scale = [float(scale) if name in targets else 0.0] * len(proc.scale)
 
 
-def diffusers_scale_dict(unet: UNet2DConditionModel, blocks: Sequence[str] | None,
+def diffusers_scale_dict(unet: UNet2DConditionModel, blocks: Sequence[str],
                          scale: float = 1.0) -> float | dict:
     """The ``set_ip_adapter_scale`` argument equal to injecting ``scale`` into ``blocks`` only.
 
     ``["up_blocks.0.attentions.1"]`` -> ``{"up": {"block_0": [0.0, s, 0.0]}}``; whole blocks
     (``up_blocks.0``) become ``{"up": {"block_0": s}}``, the mid block ``{"mid": s}``.
     """
-    if blocks is None:
+    if tuple(blocks) == ALL_BLOCKS:
         return float(scale)
     layers = target_layers(unet, blocks)
     result: dict = {}
@@ -224,13 +224,12 @@ def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None
     tensors, metadata = read_adapter_file(path)
     unet = meta_unet(base)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
-    everything = AdapterSpec(spec.adapter_type, None, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
+    everything = AdapterSpec(spec.adapter_type, ALL_BLOCKS, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
     try:
         check_shapes(tensors, unet, everything, path)
     except AdapterFileError as err:
         raise AdapterFileError(f"{err}{trained_for(metadata, base)}") from err
-    chosen = spec.blocks if blocks is None else resolve_blocks(blocks, model_family(unet))
-    target_layers(unet, None if chosen is None else list(chosen))
+    target_layers(unet, spec.blocks if blocks is None else resolve_blocks(blocks, model_family(unet)))
 
 
 def trained_for(metadata: dict[str, str], base: str) -> str:

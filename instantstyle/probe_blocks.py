@@ -46,15 +46,15 @@ from .generate import HelpFormatter, StyleGenerator, report_error, user_errors
 if TYPE_CHECKING:
     from .metrics import ClipEmbedder
 
-NO_ADAPTER, ALL_BLOCKS = "none", "all"
+NO_ADAPTER, ALL_PRESET = "none", "all"
 
 
 def probe_settings(generator: StyleGenerator, scale: float = 1.0, content_scale: float = 0.0) -> list[EvalSetting]:
     """No adapter (every scale 0), then each attention block alone, then all blocks together."""
     blocks = block_names(cross_attention_layers(generator.pipe.unet.attn_processors))
-    settings = [EvalSetting(NO_ADAPTER, ALL_BLOCKS, 0.0, 0.0)]
+    settings = [EvalSetting(NO_ADAPTER, ALL_PRESET, 0.0, 0.0)]
     settings += [EvalSetting(block, (block,), scale, content_scale) for block in blocks]
-    return settings + [EvalSetting(ALL_BLOCKS, ALL_BLOCKS, scale, content_scale)]
+    return settings + [EvalSetting(ALL_PRESET, ALL_PRESET, scale, content_scale)]
 
 
 def active_layers(generator: StyleGenerator) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from instantstyle.blocks import ALL_BLOCKS
 from train.checks import target_blocks, validate_config
 from train.config import CONFIG_DIR, ConfigError, compose, trainer_config
 from train.loggers import Trackers
@@ -44,7 +45,7 @@ def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tm
     cfg = compose(base_overrides(tiny_model_dir, shards, tmp_path))
     assert validate_config(cfg).mixed_precision == "no"  # YAML `no` stays a string
     base = instantiate(cfg.model)
-    for preset, expected in [("style", ["up_blocks.0.attentions.1"]), ("all", None),
+    for preset, expected in [("style", ["up_blocks.0.attentions.1"]), ("all", list(ALL_BLOCKS)),
                              ("style_layout", ["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"])]:
         blocks = compose([*base_overrides(tiny_model_dir, shards, tmp_path), f"blocks={preset}"]).blocks
         assert target_blocks(blocks, "sdxl") == expected

@@ -10,14 +10,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from instantstyle.adapter import AdapterSpec, attention_module, install_adapter
-from instantstyle.blocks import cross_attention_layers
+from instantstyle.blocks import ALL_BLOCKS, cross_attention_layers
 from instantstyle.export import AdapterFileError, export_safetensors, load_adapter, read_adapter_file
 from tests.helpers import perturb_, run_unet, unet_inputs
 
 BLOCKS = {
     "style": ("up_blocks.0.attentions.1",),
     "style_layout": ("up_blocks.0.attentions.1", "down_blocks.2.attentions.1"),
-    "all": None,
+    "all": ALL_BLOCKS,
 }
 # diffusers' per-block scale dict for each preset on the tiny (SDXL-shaped) UNet.
 DIFFUSERS_SCALES = {

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from generate_support import STYLE, as_uint8, export_perturbed, style_image
 from transformers import CLIPImageProcessor
 
+from instantstyle.blocks import ALL_BLOCKS
 from instantstyle.generate import StyleGenerator, main
 from instantstyle.grid import make_grid
 from instantstyle.pipeline import GenerationError, diffusers_scale_dict
@@ -88,7 +89,7 @@ def test_scale_dict_for_diffusers(generator):
     assert diffusers_scale_dict(unet, ["up_blocks.0.attentions.1"], 0.8) == {"up": {"block_0": [0.0, 0.8, 0.0]}}
     assert diffusers_scale_dict(unet, ["down_blocks.1", "mid_block"], 0.5) == {
         "down": {"block_1": [0.5, 0.5]}, "mid": 0.5}
-    assert diffusers_scale_dict(unet, None, 0.3) == 0.3
+    assert diffusers_scale_dict(unet, ALL_BLOCKS, 0.3) == 0.3
 
 
 def test_controlnet_zero_init_matches_and_control_changes_image(tiny_model_dir, files, generator):

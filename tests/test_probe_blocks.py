@@ -7,7 +7,7 @@ import json
 import pytest
 from generate_support import export_perturbed, style_image
 
-from instantstyle.blocks import block_names, cross_attention_layers
+from instantstyle.blocks import ALL_BLOCKS, block_names, cross_attention_layers
 from instantstyle.evaluate import EvalConfig, load_references
 from instantstyle.generate import StyleGenerator
 from instantstyle.probe_blocks import main, probe, probe_table
@@ -20,7 +20,7 @@ def probed(tiny_model_dir, tmp_path_factory):
     styles.mkdir()
     style_image(styles / "a.png")
     (styles / "a.txt").write_text("a circle\n")
-    adapter = export_perturbed(tiny_model_dir, None, tmp / "ip-adapter.safetensors")
+    adapter = export_perturbed(tiny_model_dir, ALL_BLOCKS, tmp / "ip-adapter.safetensors")
     generator = StyleGenerator.from_pretrained(tiny_model_dir, adapter)
     report, samples = probe(generator, load_references(styles), EvalConfig(["a square"], [0], steps=2))
     return {"tmp": tmp, "styles": styles, "adapter": adapter, "generator": generator, "report": report,

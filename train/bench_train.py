@@ -28,6 +28,7 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from instantstyle.adapter import AdapterSpec, install_adapter
+from instantstyle.blocks import ALL_BLOCKS
 from instantstyle.reference_configs import load_reference_config
 from train.task import AdaptedUNet
 
@@ -60,7 +61,7 @@ def build_variant(config: dict, variant: str, device: str | torch.device) -> tup
     """UNet + adapter for a variant; returns (model, parameters the optimizer steps)."""
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(config)
-    spec = AdapterSpec("ip_adapter", STYLE if variant == "style" else None, pooled_dim(config), 4, 1280)
+    spec = AdapterSpec("ip_adapter", STYLE if variant == "style" else ALL_BLOCKS, pooled_dim(config), 4, 1280)
     adapter = install_adapter(unet, spec)
     if variant == "tutorial+unet_grad":
         unet.requires_grad_(True)  # weight grads for the whole UNet, as in a full backward

@@ -29,7 +29,7 @@ def adapter_spec(base: BaseModel, *, type: str, num_tokens: int, resampler_dim: 
     enc = base.image_encoder.config
     embed_dim = enc.hidden_size if type == "ip_adapter_plus" else enc.projection_dim
     extra = {"base_model": base.path, "image_encoder": base.image_encoder_path}
-    return AdapterSpec(type, tuple(blocks) if blocks is not None else None, embed_dim, num_tokens,
+    return AdapterSpec(type, tuple(blocks), embed_dim, num_tokens,
                        resampler_dim, extra)
 
 

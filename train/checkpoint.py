@@ -183,11 +183,8 @@ def check_compatible(saved: dict, current: dict, folder: Path) -> None:
 
     old, new = AdapterSpec.from_metadata(saved), AdapterSpec.from_metadata(current)
 
-    def blocks(spec: AdapterSpec) -> list[str] | str:
-        return list(spec.blocks) if spec.blocks is not None else "all"
-
     pairs = [("base model", old.extra.get("base_model"), new.extra.get("base_model")),
-             ("block set", blocks(old), blocks(new)), ("adapter type", old.adapter_type, new.adapter_type),
+             ("block set", list(old.blocks), list(new.blocks)), ("adapter type", old.adapter_type, new.adapter_type),
              ("number of image tokens", old.num_tokens, new.num_tokens),
              ("number of processes", saved.get("world_size"), current.get("world_size"))]
     for what, was, now in pairs:

@@ -46,14 +46,14 @@ class Settings:
     family: str | None = None  # the base's model family; None until the tiny base is built
 
 
-def target_blocks(blocks: Any, family: str) -> list[str] | None:
-    """Block prefixes for ``blocks`` (custom ``targets`` win over the preset); None = all."""
-    from instantstyle.blocks import PRESET_NAMES, resolve_blocks
+def target_blocks(blocks: Any, family: str) -> list[str]:
+    """Block prefixes for ``blocks`` (custom ``targets`` win over the preset; ``all`` = ALL_BLOCKS)."""
+    from instantstyle.blocks import PRESET_NAMES, is_preset, resolve_blocks
 
     blocks = section(blocks, "blocks", BlocksConfig)
     if blocks.targets:
         return resolve_blocks(list(blocks.targets), family)
-    if blocks.preset not in PRESET_NAMES:
+    if not is_preset(blocks.preset, family):
         raise ConfigError(f"blocks.preset={blocks.preset!r} — valid: {', '.join(PRESET_NAMES)}, "
                           "or a custom list blocks.targets=[...]")
     return resolve_blocks(blocks.preset, family)

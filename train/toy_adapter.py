@@ -37,7 +37,7 @@ def train_toy_adapter(base: BaseModel, data: ToyData, blocks: Sequence[str] | No
                       progress: bool = True) -> InstantStyleAdapter:
     """Install a fresh adapter on ``blocks`` of ``base.unet`` (None = all) and train it."""
     torch.manual_seed(seed)
-    adapter = build_adapter(base, blocks=None if blocks is None else list(blocks), type="ip_adapter",
+    adapter = build_adapter(base, blocks=list(blocks), type="ip_adapter",
                             num_tokens=4, resampler_dim=64)
     g = torch.Generator().manual_seed(seed)
     task = DiffusionTask(base, AdaptedUNet(base.unet, adapter), adapter_type="ip_adapter", generator=g)
