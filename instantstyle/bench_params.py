@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=sorted([*MODELS, "flux"]), default="sdxl")
     args = parser.parse_args(argv)
     print("| blocks | projection | layers | image-branch params | projection params | trainable | "
-          f"AdamW state+grad+weights | AdamW8bit |")
+          "AdamW state+grad+weights | AdamW8bit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     if args.model == "flux":
         for choice in FLUX_CHOICES:
