@@ -157,3 +157,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(task):
     task.base.unet.enable_gradient_checkpointing()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
     assert all(g.abs().sum() > 0 for g in plain)
+
+
+def test_content_decoupled_training_feeds_the_subtracted_embedding(task):
+    from instantstyle.content import encode_image
+
+    task, _ = task
+    batch = {**fixed_batch(), "drop_image": torch.tensor([False, False])}  # "a red circle", and a dropped caption
+    plain = task.encode(batch).image_features
+    with torch.no_grad():
+        ids = task.base.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        caption = task.base.text_encoder_2(ids).text_embeds[0]
+        image = encode_image(task.base.image_encoder, batch["clip_pixel_values"], "ip_adapter")
+    torch.testing.assert_close(plain, image)  # λ = 0: the reference's embedding as it is
+    task.content_scale = 0.5
+    decoupled = task.encode(batch).image_features
+    torch.testing.assert_close(decoupled[0], image[0] - 0.5 * caption)  # image − λ · caption, by hand
+    torch.testing.assert_close(decoupled[1], image[1])  # no caption (dropped for CFG): nothing subtracted
+    task.content_normalize = True
+    unit = task.encode(batch).image_features[0]
+    direction = image[0] / image[0].norm() - 0.5 * caption / caption.norm()
+    torch.testing.assert_close(unit, direction / direction.norm() * image[0].norm())

@@ -159,6 +159,9 @@ class TrainerConfig:
     seed: int = 42
     noise_offset: float = 0.0            # e.g. 0.05: lets the model learn very dark/bright images
     snr_gamma: Optional[float] = None    # e.g. 5.0: min-SNR-γ loss weighting
+    content_scale: float = 0.0           # λ of content-decoupled training: the reference's image embedding minus
+                                         # λ × its caption's text embedding (InstantStyle's subtraction; ip_adapter)
+    content_normalize: bool = False      # subtract on unit directions, rescaled to the image norm (λ ∈ [0, 1])
     ema: Optional[float] = None          # e.g. 0.999: EMA decay of the adapter weights (exported when set)
     log_every: int = 10
     validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
@@ -181,6 +184,7 @@ class TrainerConfig:
             (t.seed >= 0, f"trainer.seed must be ≥ 0 (got {t.seed})"),
             (t.noise_offset >= 0, "trainer.noise_offset must be ≥ 0"),
             (t.snr_gamma is None or t.snr_gamma > 0, "trainer.snr_gamma must be > 0 (e.g. 5.0), or null"),
+            (t.content_scale >= 0, f"trainer.content_scale must be ≥ 0 (got {t.content_scale})"),
             (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
             (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
         ])

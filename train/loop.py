@@ -20,7 +20,6 @@ from instantstyle.generate import StyleGenerator
 from train.checkpoint import CheckpointManager, capture_rng, gather_json, restore_rng, save_parts
 from train.loggers import ThroughputMeter
 from train.run import Run
-from train.task import DiffusionTask
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ def fixed_batch_loss(run: Run, batch: dict, seed: int = 0) -> float:
     """Loss on one fixed batch with fixed noise: comparable across steps and runs."""
     generator = torch.Generator(run.accelerator.device).manual_seed(seed)
     model = run.accelerator.unwrap_model(run.model)
-    task = DiffusionTask(run.base, model, adapter_type=run.task.adapter_type, generator=generator,
-                         noise_offset=run.task.noise_offset, snr_gamma=run.task.snr_gamma)
-    return float(task(batch)[0])
+    return float(run.task.using(generator, model)(batch)[0])
 
 
 @contextmanager

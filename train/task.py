@@ -16,7 +16,7 @@ from diffusers.training_utils import compute_snr
 from torch import nn
 
 from instantstyle.adapter import InstantStyleAdapter
-from instantstyle.content import encode_image
+from instantstyle.content import decouple_content, encode_image
 from instantstyle.diffusion import prediction_target
 from instantstyle.models import BaseModel, encode_prompts
 
@@ -55,11 +55,19 @@ class DiffusionTask:
     """Noise-prediction loss of the adapted UNet; ``task(batch) -> (loss, metrics)``."""
 
     def __init__(self, base: BaseModel, model: nn.Module, *, adapter_type: str, generator: torch.Generator,
-                 noise_offset: float = 0.0, snr_gamma: float | None = None) -> None:
+                 noise_offset: float = 0.0, snr_gamma: float | None = None, content_scale: float = 0.0,
+                 content_normalize: bool = False) -> None:
         self.base, self.model, self.adapter_type = base, model, adapter_type
         self.generator, self.noise_offset, self.snr_gamma = generator, noise_offset, snr_gamma
+        self.content_scale, self.content_normalize = content_scale, content_normalize
         self.scheduler = base.noise_scheduler
         self.device = base.unet.device
+
+    def using(self, generator: torch.Generator, model: nn.Module | None = None) -> "DiffusionTask":
+        """The same task with another noise generator (and model): fixed-noise evaluation losses."""
+        return DiffusionTask(self.base, model or self.model, adapter_type=self.adapter_type, generator=generator,
+                             noise_offset=self.noise_offset, snr_gamma=self.snr_gamma,
+                             content_scale=self.content_scale, content_normalize=self.content_normalize)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> Conditioning:
@@ -69,6 +77,7 @@ class DiffusionTask:
         latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
         prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
         features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device), self.adapter_type)
+        features = self.decouple(features, pooled, batch["captions"])
         keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None
@@ -76,6 +85,19 @@ class DiffusionTask:
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
         return Conditioning(latents.float(), prompt_embeds, features, added)
+
+    def decouple(self, features: torch.Tensor, pooled: torch.Tensor | None, captions: list[str]) -> torch.Tensor:
+        """InstantStyle's content subtraction at training time: image embedding − λ · its caption's embedding.
+
+        The caption's pooled, projected text embedding (SDXL ``text_encoder_2``) is what the UNet's added
+        conditioning already uses, so this costs nothing. Samples whose caption was dropped are left as
+        they are. Only the pooled ``ip_adapter`` input lives in the text space; Plus reads hidden states.
+        """
+        if not self.content_scale or pooled is None or self.adapter_type != "ip_adapter":
+            return features
+        has_text = torch.tensor([bool(c) for c in captions], device=features.device, dtype=features.dtype)
+        return decouple_content(features, pooled.to(features.dtype) * has_text[:, None], self.content_scale,
+                                self.content_normalize)
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, timesteps, noisy latents), drawn from this rank's generator."""
