@@ -95,7 +95,8 @@ def test_validation_writes_reports_and_logs_metrics_and_grid(validated):
         assert scalars[-1].value == pytest.approx(last[metric], rel=1e-6)
     grids = events.Images("val/grid")
     assert [e.step for e in grids] == [2, 4]
-    assert (grids[0].width, grids[0].height) == (3 * 256, 2 * 256)  # reference + 2 prompts; 2 styles × 1 seed
+    # reference + 2 prompts; 2 styles × 1 seed; plus the label header and row-label column (less than a cell)
+    assert 0 < grids[0].width - 3 * 256 < 256 and 0 < grids[0].height - 2 * 256 < 256
 
 
 def test_validation_leaves_training_bitwise_unchanged(plain, validated):
@@ -130,6 +131,7 @@ def test_kept_state_undoes_random_draws_and_scales(validated):
     (["validation.seeds=[]"], "validation.seeds must be a list of integers"),
     (["validation.height=100"], "validation.height/width must be positive multiples of 8"),
     (["+validation.guidance=3"], "unknown validation key(s) ['guidance']"),
+    (["validation.styles=STYLES", "validation.prompts=[a cat]", "validation.dino=/nonexistent"], "validation.csd/dino:"),
 ])
 def test_bad_validation_config_is_one_line_error(tiny_model_dir, shards, styles, tmp_path, extra, message):
     (tmp_path / "empty").mkdir()
@@ -151,3 +153,18 @@ def test_command_line_exits_2_on_missing_styles_folder(tiny_model_dir, shards, t
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert errors == ["error: validation.styles: style folder not found: /nonexistent/styles"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_validation_adds_csd_and_dino_metrics(tiny_model_dir, shards, styles, tmp_path):
+    from safetensors.torch import save_file
+    from test_style_metrics import csd_state, random_csd, save_tiny_vit
+
+    visual, head = random_csd()
+    save_file(csd_state(visual, head), tmp_path / "csd.safetensors")
+    save_tiny_vit(tmp_path / "dino", "vit")
+    run = train(compose(tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "trainer.max_steps=2",
+                                       *validation_args(styles), f"validation.csd={tmp_path / 'csd.safetensors'}",
+                                       f"validation.dino={tmp_path / 'dino'}")))
+    means = run.summary["validation"]
+    assert -1 <= means["csd_style_similarity"] <= 1 and -1 <= means["dino_content_leakage"] <= 1
+    assert all(math.isfinite(means[m]) for m in METRICS)

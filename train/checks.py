@@ -44,6 +44,7 @@ class Settings:
     prompts: tuple[str, ...] = ()
     references: list = field(default_factory=list)  # instantstyle.evaluate.StyleReference, read once
     family: str | None = None  # the base's model family; None until the tiny base is built
+    metric_encoders: dict = field(default_factory=dict)  # optional validation metrics (CSD, DINO), loaded once
 
 
 def target_blocks(blocks: Any, family: str) -> list[str]:
@@ -171,6 +172,19 @@ def read_validation(v: ValidationConfig, adapter_type: str) -> tuple[tuple[str, 
     return tuple(prompts), refs
 
 
+def load_validation_encoders(v: ValidationConfig) -> dict:
+    """The optional CSD and DINO metric encoders of an enabled validation (one line when a path is wrong)."""
+    if v.styles is None or not (v.csd or v.dino):
+        return {}
+    from instantstyle.errors import GenerationError
+    from instantstyle.evaluate import load_metric_encoders
+
+    try:
+        return load_metric_encoders(v.csd, v.dino)
+    except GenerationError as err:
+        raise ConfigError(f"validation.csd/dino: {err}") from err
+
+
 def check_config(cfg: DictConfig) -> Settings:
     """Check the whole config; returns the typed, read ``Settings`` or raises ``ConfigError``."""
     for key in ("output_dir", "model", "adapter", "blocks", "data", "optim", "logger", "trainer"):
@@ -183,6 +197,7 @@ def check_config(cfg: DictConfig) -> Settings:
         section(cfg[name], name, schema)  # their range checks
     validation = section(cfg.get("validation"), "validation", ValidationConfig)
     prompts, refs = read_validation(validation, adapter_type)
+    encoders = load_validation_encoders(validation)
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
     check_resume(cfg.resume, str(cfg.output_dir))
@@ -195,7 +210,7 @@ def check_config(cfg: DictConfig) -> Settings:
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    return Settings(trainer, data, urls, validation, prompts, refs, family)
+    return Settings(trainer, data, urls, validation, prompts, refs, family, encoders)
 
 
 def validate_config(cfg: DictConfig) -> TrainerConfig:

@@ -214,6 +214,8 @@ class ValidationConfig:
     content_scale: float = 0.0       # λ of content subtraction (needs the captions and adapter=ip_adapter)
     height: Optional[int] = None     # null = the base's default size
     width: Optional[int] = None
+    csd: Optional[str] = None        # CSD checkpoint (.pth/.safetensors): adds val/csd_style_similarity
+    dino: Optional[str] = None       # DINO / DINOv2 folder: adds val/dino_content_leakage
 
     def __post_init__(self) -> None:
         sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (self.height, self.width))

@@ -87,7 +87,8 @@ def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path) -> dict[s
     config = EvalConfig(list(run.settings.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
     # Autocast as in training: frozen nets in the training precision, adapter weights in fp32.
     with torch.no_grad(), run.accelerator.autocast():
-        return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale))
+        return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale),
+                                encoders=run.settings.metric_encoders)
 
 
 def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
