@@ -44,6 +44,7 @@ class Settings:
     prompts: tuple[str, ...] = ()
     references: list = field(default_factory=list)  # instantstyle.evaluate.StyleReference, read once
     family: str | None = None  # the base's model family; None until the tiny base is built
+    blocks: list[str] | None = None  # the resolved block prefixes; None until the tiny base is built
     metric_encoders: dict = field(default_factory=dict)  # optional validation metrics (CSD, DINO), loaded once
 
 
@@ -101,8 +102,8 @@ def check_resume(resume: Any, output_dir: str) -> None:
                           f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
 
 
-def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:
-    """The base exists, the target blocks exist in its UNet, the image encoder fits; returns the family."""
+def check_model(model_cfg: DictConfig, blocks: DictConfig) -> tuple[str | None, list[str] | None]:
+    """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -112,15 +113,16 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:
 
     model = section(model_cfg, "model", ModelConfig)
     if model.build_if_missing and not Path(model.path, "unet").is_dir():
-        return None  # the tiny base is built on first use; it always fits
+        return None, None  # the tiny base is built on first use; it always fits
     try:
         unet_cfg = UNet2DConditionModel.load_config(model.path, subfolder="unet")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_cfg)
         family = model_family(unet)
-        select_layers(list(unet.attn_processors), target_blocks(blocks, family))
+        chosen = target_blocks(blocks, family)
+        select_layers(list(unet.attn_processors), chosen)
         _check_image_encoder(model, family)
-        return family
+        return family, chosen
     except (UnknownBlockError, ContentSpaceMismatch, BaseModelError) as err:
         raise ConfigError(str(err)) from err
     except (OSError, ValueError) as err:
@@ -201,7 +203,7 @@ def check_config(cfg: DictConfig) -> Settings:
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
     check_resume(cfg.resume, str(cfg.output_dir))
-    family = check_model(cfg.model, cfg.blocks)
+    family, blocks = check_model(cfg.model, cfg.blocks)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")
@@ -210,7 +212,7 @@ def check_config(cfg: DictConfig) -> Settings:
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    return Settings(trainer, data, urls, validation, prompts, refs, family, encoders)
+    return Settings(trainer, data, urls, validation, prompts, refs, family, blocks, encoders)
 
 
 def validate_config(cfg: DictConfig) -> TrainerConfig:

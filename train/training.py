@@ -60,7 +60,8 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-    adapter = instantiate(cfg.adapter)(base, blocks=target_blocks(cfg.blocks, base.family))
+    blocks = settings.blocks if settings.blocks is not None else target_blocks(cfg.blocks, base.family)
+    adapter = instantiate(cfg.adapter)(base, blocks=blocks)
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
     model, optimizer = accelerator.prepare(AdaptedUNet(base.unet, adapter), optimizer)
