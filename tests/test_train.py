@@ -178,3 +178,25 @@ def test_content_decoupled_training_feeds_the_subtracted_embedding(task):
     unit = task.encode(batch).image_features[0]
     direction = image[0] / image[0].norm() - 0.5 * caption / caption.norm()
     torch.testing.assert_close(unit, direction / direction.norm() * image[0].norm())
+
+
+def test_fine_tuning_starts_from_a_released_adapter_restricted_to_the_chosen_blocks(tiny_model_dir, tmp_path):
+    from instantstyle.adapter import AdapterSpec, install_adapter
+    from instantstyle.blocks import ALL_BLOCKS
+    from instantstyle.export import export_safetensors
+    from tests.helpers import perturb_
+
+    released = build_base(tiny_model_dir)  # stands in for a public all-layer IP-Adapter (no block metadata needed)
+    full = install_adapter(released.unet, AdapterSpec("ip_adapter", ALL_BLOCKS, 32, 4, 1280))
+    perturb_(full)
+    path = export_safetensors(full, released.unet, tmp_path / "released.safetensors")
+    base = build_base(tiny_model_dir)
+    tuned = build_adapter(base, blocks=[STYLE], type="ip_adapter", num_tokens=4, resampler_dim=1280,
+                          init_from=str(path))
+    assert tuned.spec.blocks == (STYLE,) and all(name.startswith(STYLE + ".") for name in tuned.layer_names)
+    assert torch.equal(tuned.image_proj.proj.weight, full.image_proj.proj.weight)
+    released_layers = dict(zip(full.layer_names, full.layers))
+    for name, proc in zip(tuned.layer_names, tuned.layers):
+        assert torch.equal(proc.to_k_ip.weight, released_layers[name].to_k_ip.weight)
+        assert torch.equal(proc.to_v_ip.weight, released_layers[name].to_v_ip.weight)
+    assert len(tuned.layers) < len(full.layers)  # every other layer: no image branch at all
