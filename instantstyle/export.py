@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,11 +58,15 @@ def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, 
         "format": FORMAT,
         "cross_attention_dim": str(unet.config.cross_attention_dim),
         "num_cross_attention_layers": str(len(adapter.all_layer_names)),
-        "base_model": base_model or str(spec.extra.get("base_model", "")),
-        "image_encoder": image_encoder or str(spec.extra.get("image_encoder", "")),
-        "step": str(step),
-        "framework_version": __version__,
+        **provenance(spec.extra, base_model=base_model, image_encoder=image_encoder, step=step),
     }
+
+
+def provenance(extra: Mapping[str, str], *, base_model: str, image_encoder: str, step: int) -> dict[str, str]:
+    """Where an adapter comes from, for any base family's file header: base, image encoder, step, version."""
+    return {"base_model": base_model or str(extra.get("base_model", "")),
+            "image_encoder": image_encoder or str(extra.get("image_encoder", "")),
+            "step": str(step), "framework_version": __version__}
 
 
 def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, path: str | Path, *,
@@ -70,12 +74,17 @@ def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
                        image_encoder: str = "", step: int = 0) -> Path:
     """Write ``path`` atomically (temporary file, then rename) in the documented format."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step)
+    return write_adapter_file(export_tensors(adapter, unet, dtype), metadata, path)
+
+
+def write_adapter_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
+    """Write a safetensors file byte-deterministically and atomically (temporary file, then rename)."""
     path = Path(path)
     if path.is_dir():
         raise AdapterFileError(f"cannot export to {path}: it is a folder, give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step)
-    blob = canonical_safetensors(save(export_tensors(adapter, unet, dtype), metadata=metadata))
+    blob = canonical_safetensors(save(tensors, metadata=metadata))
     tmp = path.with_name(path.name + ".tmp")
     try:
         # Python's open gives the usual 0666 & ~umask; safetensors' save_file makes files 0600.

@@ -15,16 +15,13 @@ what the adapter is, so loading it back needs no extra arguments.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import __version__
-from .export import DTYPES, AdapterFileError
+from .export import DTYPES, AdapterFileError, provenance, write_adapter_file
 from .flux import FluxAdapterSpec, FluxStyleAdapter, install_flux_adapter
 
 FORMAT = "instantstyle-flux-ip-adapter"
@@ -67,10 +64,7 @@ def build_flux_metadata(adapter: FluxStyleAdapter, transformer: FluxTransformer2
         "image_embed_dim": str(spec.image_embed_dim),
         "joint_attention_dim": str(transformer.config.joint_attention_dim),
         "num_double_blocks": str(transformer.config.num_layers),
-        "base_model": base_model or str(spec.extra.get("base_model", "")),
-        "image_encoder": image_encoder or str(spec.extra.get("image_encoder", "")),
-        "step": str(step),
-        "framework_version": __version__,
+        **provenance(spec.extra, base_model=base_model, image_encoder=image_encoder, step=step),
     }
 
 
@@ -79,14 +73,9 @@ def export_flux_safetensors(adapter: FluxStyleAdapter, transformer: FluxTransfor
                             image_encoder: str = "", step: int = 0) -> Path:
     """Write ``path`` atomically (temporary file, then rename) in the XLabs layout."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = build_flux_metadata(adapter, transformer, base_model=base_model, image_encoder=image_encoder,
                                    step=step)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(export_flux_tensors(adapter, transformer, dtype), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_adapter_file(export_flux_tensors(adapter, transformer, dtype), metadata, path)
 
 
 def read_flux_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

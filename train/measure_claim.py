@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -77,19 +78,32 @@ def run_claim(base_dir: str, seeds: list[int], *, steps: int, num_refs: int, per
     return rows
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (blocks, subtraction)."""
-    keys = list(dict.fromkeys((r["blocks"], r["subtraction"]) for r in rows))
+def summarise_by(rows: list[dict], keys: tuple[str, ...], spread: str = "std") -> list[dict]:
+    """Mean over seeds per group of ``keys``, with the standard deviation (``_std``) or a 95% interval (``_ci``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
-    for blocks, sub in keys:
-        group = [r for r in rows if r["blocks"] == blocks and r["subtraction"] == sub]
-        entry = {"blocks": blocks, "subtraction": sub, "seeds": len(group)}
+    for key, group in groups.items():
+        entry = {**dict(zip(keys, key)), "seeds": len(group)}
         for k in SCORES:
             values = [r[k] for r in group]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[k] = statistics.mean(values)
-            entry[k + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{k}_{spread}"] = std if spread == "std" else half_interval(std, len(values))
         out.append(entry)
     return out
+
+
+def half_interval(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of ``n`` values (Student's t)."""
+    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    return t975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (blocks, subtraction)."""
+    return summarise_by(rows, ("blocks", "subtraction"))
 
 
 def claim_table(summary: list[dict]) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from instantstyle.augment import ReferenceAugment
 from instantstyle.blocks import resolve_blocks
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
-from train.measure_claim import SCORES, TRAIN_SEED, score_setting
+from train.measure_claim import SCORES, TRAIN_SEED, score_setting, summarise_by
 from train.toy_adapter import train_toy_adapter
 
 CROP = (0.3, 0.6)  # area fraction of the independent reference crop: the object is often cut or missing
@@ -63,8 +61,6 @@ RECIPES = {
     "crop+shuffle": Recipe(crop=True, shuffle=True),
     "crop+shuffle+decoupled": Recipe(crop=True, shuffle=True, content_scale=0.5),
 }
-# 97.5% quantile of Student's t by degrees of freedom: 95% confidence intervals from a few seeds.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_cell(base_dir: str, data, refs, classifier, blocks: str, name: str, seed: int, args) -> list[dict]:
@@ -85,18 +81,7 @@ def run_cell(base_dir: str, data, refs, classifier, blocks: str, name: str, seed
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and 95% confidence half-width over seeds per (blocks, recipe, inference subtraction)."""
-    keys = list(dict.fromkeys((r["blocks"], r["recipe"], r["inference_subtraction"]) for r in rows))
-    out = []
-    for blocks, recipe, lam in keys:
-        group = [r for r in rows if (r["blocks"], r["recipe"], r["inference_subtraction"]) == (blocks, recipe, lam)]
-        entry = {"blocks": blocks, "recipe": recipe, "inference_subtraction": lam, "seeds": len(group)}
-        for k in SCORES:
-            values = [r[k] for r in group]
-            half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) \
-                if len(values) > 1 else 0.0
-            entry[k], entry[k + "_ci"] = statistics.mean(values), half
-        out.append(entry)
-    return out
+    return summarise_by(rows, ("blocks", "recipe", "inference_subtraction"), spread="ci")
 
 
 def recipe_table(summary: list[dict]) -> str:
