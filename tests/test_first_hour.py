@@ -153,3 +153,41 @@ def test_sweep_jobs_each_get_their_own_folder(tiny_model_dir, shards, tmp_path):
         assert (tmp_path / "sweep" / job / "ip-adapter.safetensors").is_file()
         assert (tmp_path / "sweep" / job / "train_rank0.log").is_file()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_ci_runs_the_readmes_setup_and_test_lines():
+    """.ci/run installs as a new user would and runs the README's own test command, nothing else."""
+    block = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    readme = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [line.split("  #")[0].strip() for line in readme if line.strip() != "./launch.sh"]
+    assert ci[0].startswith("[ -d .venv ] ||") and ci[-1] == "python -m pytest -q"
+
+
+@pytest.mark.parametrize("module, needle", [
+    ("data_tools.synthetic", "(default: 128)"), ("data_tools.make_shards", "(default: 1000)"),
+    ("data_tools.inspect", "(default: 178956970)"), ("data_tools.make_tiny_model", "(default: 0)"),
+])
+def test_data_tool_help_shows_defaults(module, needle, capsys):
+    with pytest.raises(SystemExit):
+        __import__(module, fromlist=["main"]).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert needle in text and "(default: None)" not in text
+
+
+def test_one_shard_is_singular(tmp_path, capsys):
+    from data_tools.synthetic import main
+
+    main(["--out", str(tmp_path / "s"), "--num", "2", "--size", "16"])
+    assert capsys.readouterr().out.strip() == f"wrote 2 samples in 1 shard to {tmp_path / 's'}"
+
+
+def test_one_shard_warning_is_singular(tmp_path, caplog):
+    from data_tools.synthetic import write_synthetic_shards
+    from train.data import build_train_loader
+
+    write_synthetic_shards(tmp_path, num=2, size=16)
+    build_train_loader({"shards": str(tmp_path / "*.tar"), "num_workers": 2}, batch_size=1, seed=0, rank=0,
+                       world_size=1)
+    assert "1 shard for 2 rank×worker streams" in caplog.text
