@@ -73,9 +73,9 @@ def _quiet_loading(path: str) -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
-    if not Path(path).is_dir():
-        libraries = []  # a hub id may download: keep its progress bars
+    # A hub id may download: it keeps its progress bars.
+    libraries = [lib for lib in (diffusers_logging, transformers_logging)
+                 if Path(path).is_dir() and lib.is_progress_bar_enabled()]
     for lib in libraries:
         lib.disable_progress_bar()
     try:

@@ -332,7 +332,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def check_sections(cfg: DictConfig) -> None:
-    """Every group's types and ranges (nothing read from disk): what ``python -m train`` checks before importing torch."""
+    """Every group's types and ranges, nothing read from disk (``python -m train`` runs it before importing torch)."""
     if OmegaConf.is_missing(cfg.data, "shards"):
         raise ConfigError(SHARDS_REQUIRED)
     for name, schema in GROUPS.items():
