@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data_tools.shards import (BadSample, TruncatedTar, decode_caption, decode_meta, decode_rgb, expand_shards,
                                image_member, iter_samples, manifest_counts, open_image, open_shard)
+from instantstyle.generate import HelpFormatter
 
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy")
 SIZE_BUCKETS = (256, 512, 1024, 2048)
@@ -115,7 +116,7 @@ def print_report(reports: list[ShardReport]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; exit status 1 when anything is bad."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("shards", help="shard directory, glob ('d/*.tar') or brace pattern ('d/{00000..00009}.tar')")
     parser.add_argument("--max-image-pixels", type=int, default=178956970, help="same guard as training")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_tools.shards import Manifest, Sample, ShardRecord, read_manifest, sample_key, shard_name, write_manifest, write_shard
+from instantstyle.generate import HelpFormatter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "image_file", "file", "file_name", "filename", "path", "url")
@@ -262,27 +263,28 @@ def _flush(out: Path, manifest: Manifest, samples: list[Sample], first: int, end
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: make shards, then list every skipped input."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="image folder, .jsonl, .csv or tutorial .json")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the shards and manifest.json")
     parser.add_argument("--image-root", type=Path, help="folder image paths are relative to (default: the input's folder)")
     parser.add_argument("--image-column", help=f"default: first of {', '.join(IMAGE_COLUMNS)}")
     parser.add_argument("--caption-column", help=f"default: first of {', '.join(CAPTION_COLUMNS)}")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, default=1000)
+    size.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     size.add_argument("--max-shard-bytes", type=int, help="start a new shard before passing this size")
     parser.add_argument("--max-side", type=int, help="downscale so the longer side is at most this")
     parser.add_argument("--format", choices=["jpg", "png", "webp", "keep"], default="keep",
                         help="keep = copy JPEG/PNG/WebP bytes unchanged when no resize is needed")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-encoding processes")
     args = parser.parse_args(argv)
     manifest = make_shards(args.input, args.out, image_root=args.image_root, image_column=args.image_column,
                            caption_column=args.caption_column, limits=ShardLimits(args.samples_per_shard, args.max_shard_bytes),
                            options=EncodeOptions(args.format, args.max_side, args.quality), workers=args.workers)
     for skip in manifest.skipped:
         print(f"skipped {skip['source']}: {skip['reason']}")
-    print(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, {len(manifest.skipped)} skipped → {args.out}")
+    shards = len(manifest.shards)
+    print(f"{manifest.num_samples} samples in {shards} shard{'s' * (shards != 1)}, {len(manifest.skipped)} skipped → {args.out}")
     return 0
 
 

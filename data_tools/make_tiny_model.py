@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +26,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+
+from instantstyle.generate import HelpFormatter as DefaultsFormatter
 
 # Words that become single tokens; anything else falls back to characters.
 TOKEN_WORDS = """
@@ -166,19 +170,41 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
-    """Write the tiny base as a diffusers folder (plus ``image_encoder/``); returns the path."""
+    """Write the tiny base as a diffusers folder (plus ``image_encoder/``); returns the path.
+
+    Written beside ``out`` and renamed into place, so an interrupted build (``model=tiny`` builds it in a
+    cache on first use) never leaves a half-written base that later runs would take as complete.
+    """
+    from transformers.utils import logging as transformers_logging
+
     out = Path(out)
     pipe = build_tiny_pipeline(seed)
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "instantstyle_base.json").write_text(json.dumps({"name": "tiny", "seed": seed}, indent=2))
+    target = out if out.exists() else out.with_name(f"{out.name}.tmp-{os.getpid()}")  # an existing folder: as before
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars for a few kB of weights
+    try:
+        pipe.save_pretrained(target, safe_serialization=True)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    (target / "instantstyle_base.json").write_text(json.dumps({"name": "tiny", "seed": seed}, indent=2))
+    if target != out:
+        try:
+            os.replace(target, out)
+        except OSError:  # another process built it meanwhile: keep theirs
+            shutil.rmtree(target, ignore_errors=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the pipeline into")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     path = save_tiny_model(args.out, args.seed)
     print(f"tiny SDXL-shaped base written to {path}")

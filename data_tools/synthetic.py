@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data_tools.shards import Manifest, Sample, ShardRecord, sample_key, shard_name, write_manifest, write_shard
+from instantstyle.generate import HelpFormatter
 
 RGB = tuple[int, int, int]
 
@@ -259,11 +260,11 @@ def write_synthetic_shards(out: str | Path, num: int, size: int = 128, seed: int
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse flags and write the shards."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     parser.add_argument("--num", type=int, required=True, help="number of samples")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per tar shard")
     parser.add_argument("--format", choices=["png", "jpg"], default="png", help="png keeps colours exact")
     parser.add_argument("--captions", choices=CAPTION_KINDS, default="full",
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     manifest = write_synthetic_shards(args.out, args.num, args.size, args.seed, args.per_shard, args.format,
                                       args.captions)
-    print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}")
+    shards = len(manifest.shards)
+    print(f"wrote {manifest.num_samples} samples in {shards} shard{'s' * (shards != 1)} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Real models (SDXL base, OpenCLIP bigG) and the tiny test model go through the sa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +61,37 @@ def model_family(unet: UNet2DConditionModel) -> str:
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def _load(cls, path: str, subfolder: str | None, dtype: torch.dtype):
-    kwargs = {"subfolder": subfolder} if subfolder else {}
+def looks_local(path: str) -> bool:
+    """True for a folder path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x``), False for a hub id ``org/name``."""
+    first = path.split("/")[0]
+    return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(first).is_dir()
+
+
+@contextmanager
+def _quiet_loading(path: str) -> Iterator[None]:
+    """No "Loading weights" bars for a local folder (nothing to download, so nothing to follow)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # A hub id may download: it keeps its progress bars.
+    libraries = [lib for lib in (diffusers_logging, transformers_logging)
+                 if Path(path).is_dir() and lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
     try:
-        return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
+def _load(cls, path: str, subfolder: str | None, dtype: torch.dtype | None):
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype  # `torch_dtype` is deprecated in transformers ≥ 4.56; diffusers ≥ 0.42 takes both
+    try:
+        with _quiet_loading(path):
+            return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{path}/{subfolder}" if subfolder else path
         raise BaseModelError(f"cannot load {cls.__name__} from {where}: {str(err).splitlines()[0]}") from err
@@ -82,6 +111,8 @@ def resolve_image_encoder(path: str, image_encoder: str | None) -> tuple[str, st
 def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", check_content: bool = True) -> BaseModel:
     """Load every frozen component in eval mode with ``requires_grad=False``."""
+    if looks_local(path) and not Path(path).is_dir():
+        raise BaseModelError(f"{path}: no such folder")  # not a hub id: don't ask the hub
     unet = _load(UNet2DConditionModel, path, "unet", dtype)
     family = model_family(unet)
     enc_path, enc_sub = resolve_image_encoder(path, image_encoder)

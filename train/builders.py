@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from instantstyle.adapter import AdapterSpec, InstantStyleAdapter, install_adapter
 from instantstyle.export import load_adapter
-from instantstyle.models import BaseModel, load_base
+from instantstyle.models import BaseModel, load_base, looks_local
+from train.config import ConfigError
+
+# Where the packages live: the repository (editable install) or site-packages, with data_tools/toy_base.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
+    """``model.path`` as given when it exists here or is a hub id; else a relative path from the package root.
+
+    So ``model=toy`` (``data_tools/toy_base``, committed) works from any folder. A missing local-looking
+    path is one line, never a hub request.
+    """
+    if Path(path).expanduser().exists():
+        return os.path.expanduser(path)
+    packaged = PACKAGE_ROOT / path
+    if not Path(path).is_absolute() and packaged.exists():
+        return str(packaged)
+    if must_exist and looks_local(path):
+        raise ConfigError(f"model.path={path}: no such folder (looked here and in {PACKAGE_ROOT})")
+    return path  # a hub id, or the tiny base to build here
 
 
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
                build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> BaseModel:
     """Load the frozen base (the ``model`` group's builder); the tiny base is made on first use."""
+    path = resolve_model_path(path, must_exist=not build_if_missing)
     if build_if_missing and not Path(path, "unet").is_dir():
         from data_tools.make_tiny_model import save_tiny_model
 

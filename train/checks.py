@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import (
+    SHARDS_REQUIRED,
     AdapterConfig,
     BlocksConfig,
     ConfigError,
@@ -31,6 +33,8 @@ from train.config import (
     check_known_keys,
     section,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,8 +84,7 @@ def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     from data_tools.shards import expand_shards
 
     if OmegaConf.is_missing(data, "shards"):
-        raise ConfigError("data.shards is required, e.g. data.shards='DIR/*.tar' (python -m data_tools.synthetic "
-                          "--out DIR --num 64 makes some)")
+        raise ConfigError(SHARDS_REQUIRED)
     typed = section(data, "data", DataConfig)
     try:
         urls = expand_shards(typed.shards)
@@ -90,6 +93,10 @@ def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
         raise ConfigError(f"data.shards: {missing[0]} does not exist ({len(missing)} of {len(urls)} shards missing)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if typed.num_workers > cpus:  # more decoding processes than CPUs only adds contention (and torch's warning)
+        log.info("data.num_workers=%d > %d CPUs here: using %d workers", typed.num_workers, cpus, cpus)
+        typed.num_workers = cpus
     return typed, urls
 
 
@@ -102,7 +109,8 @@ def check_resume(resume: Any, output_dir: str) -> None:
                           f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
 
 
-def check_model(model_cfg: DictConfig, blocks: DictConfig) -> tuple[str | None, list[str] | None]:
+def check_model(model_cfg: DictConfig, blocks: DictConfig,
+                clip_image_size: int) -> tuple[str | None, list[str] | None]:
     """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -110,37 +118,44 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig) -> tuple[str | None, 
     from instantstyle.blocks import UnknownBlockError, select_layers
     from instantstyle.content import ContentSpaceMismatch
     from instantstyle.models import BaseModelError, model_family
+    from train.builders import resolve_model_path
 
     model = section(model_cfg, "model", ModelConfig)
-    if model.build_if_missing and not Path(model.path, "unet").is_dir():
+    path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
+    if model.build_if_missing and not Path(path, "unet").is_dir():
         return None, None  # the tiny base is built on first use; it always fits
     try:
-        unet_cfg = UNet2DConditionModel.load_config(model.path, subfolder="unet")
+        unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_cfg)
         family = model_family(unet)
         chosen = target_blocks(blocks, family)
         select_layers(list(unet.attn_processors), chosen)
-        _check_image_encoder(model, family)
+        _check_image_encoder(model, path, family, clip_image_size)
         return family, chosen
+    except ConfigError:
+        raise
     except (UnknownBlockError, ContentSpaceMismatch, BaseModelError) as err:
         raise ConfigError(str(err)) from err
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
 
 
-def _check_image_encoder(model: ModelConfig, family: str) -> None:
+def _check_image_encoder(model: ModelConfig, path: str, family: str, clip_image_size: int) -> None:
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
     from instantstyle.content import check_content_space
     from instantstyle.models import resolve_image_encoder
 
-    enc_path, enc_sub = resolve_image_encoder(model.path, model.image_encoder)
+    enc_path, enc_sub = resolve_image_encoder(path, model.image_encoder)
     kwargs = {"subfolder": enc_sub} if enc_sub else {}
     vision = CLIPVisionConfig.from_pretrained(enc_path, **kwargs)
+    if vision.image_size != clip_image_size:  # else a shape error deep in the first step, after loading
+        raise ConfigError(f"data.clip_image_size={clip_image_size}, but the image encoder of model.path={model.path} "
+                          f"takes {vision.image_size} px: set data.clip_image_size={vision.image_size}")
     if model.check_content_space:
         sub = "text_encoder_2" if family == "sdxl" else "text_encoder"
-        text = CLIPTextConfig.from_pretrained(model.path, subfolder=sub)
+        text = CLIPTextConfig.from_pretrained(path, subfolder=sub)
         check_content_space(vision.projection_dim, text.projection_dim if family == "sdxl" else text.hidden_size)
 
 
@@ -203,7 +218,7 @@ def check_config(cfg: DictConfig) -> Settings:
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
     check_resume(cfg.resume, str(cfg.output_dir))
-    family, blocks = check_model(cfg.model, cfg.blocks)
+    family, blocks = check_model(cfg.model, cfg.blocks, data.clip_image_size)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")

@@ -26,6 +26,8 @@ LOGGERS = ("none", "tensorboard", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation (the image processors' default)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SHARDS_REQUIRED = ("data.shards is required, e.g. data.shards='DIR/*.tar' (python -m data_tools.synthetic "
+                   "--out DIR --num 64 makes some)")
 
 
 class ConfigError(ValueError):
@@ -279,6 +281,10 @@ def one_line(err: Exception, prefix: str = "") -> str:
     if prefix and key and not key.startswith(prefix + "."):
         key = f"{prefix}.{key}"
     text = (str(cause).splitlines() or [type(cause).__name__])[0]
+    options, missing = getattr(cause, "options", None), getattr(cause, "missing_cfg_file", None)
+    if options and missing and "/" in missing:  # Hydra's MissingConfigException: a group choice that doesn't exist
+        group, _, choice = missing.rpartition("/")
+        return f"{group}={choice} — valid: {', '.join(options)}"
     if "not in struct" in text or ("Key '" in text and "not in" in text):
         return unknown_key(key)
     if isinstance(cause, OmegaConfBaseException) and key:
@@ -329,3 +335,11 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(one_line(err)) from None
     check_known_keys(cfg)
     return cfg
+
+
+def check_sections(cfg: DictConfig) -> None:
+    """Every group's types and ranges, nothing read from disk (``python -m train`` runs it before importing torch)."""
+    if OmegaConf.is_missing(cfg.data, "shards"):
+        raise ConfigError(SHARDS_REQUIRED)
+    for name, schema in GROUPS.items():
+        section(cfg.get(name), name, schema)

@@ -242,8 +242,8 @@ def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, 
     counts = shard_sample_counts(urls)
     streams = world_size * max(1, cfg.num_workers)
     if len(urls) < streams:
-        log.warning("%d shards for %d rank×worker streams: every stream reads every shard; "
-                    "make at least %d shards for efficient loading", len(urls), streams, streams)
+        log.warning("%d shard%s for %d rank×worker streams: every stream reads every shard; "
+                    "make at least %d shards for efficient loading", len(urls), "s" * (len(urls) != 1), streams, streams)
     loader = TrainLoader(cfg, urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if samples_seen:
         loader.skip_samples(samples_seen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,6 +160,9 @@ def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict
                **skipped}
     acc.log(metrics, step=run.step)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+    if bar.disable and acc.is_main_process:  # no bar in a redirected log: one line per window instead
+        log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", run.step, run.trainer.max_steps, loss,
+                 metrics["train/lr"], window["samples_per_s"])
     return metrics
 
 
@@ -169,7 +173,9 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
     stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
     fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
     refs = run.settings.references if run.validation.enabled and acc.is_main_process else None
-    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
+    # A bar redraws one line with \r: in a redirected log (sbatch, nohup, CI) that is one huge line.
+    show_bar = acc.is_main_process and sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not show_bar)
     start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
     try:
         while run.step < t.max_steps:

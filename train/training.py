@@ -72,7 +72,8 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
                          content_scale=trainer.content_scale, content_normalize=trainer.content_normalize)
     loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
                                 world_size=world, urls=settings.shard_urls)
-    identity = {**adapter.spec.to_metadata(), "world_size": world}
+    # The configured base, not the path it resolved to: a run resumed from another folder is the same run.
+    identity = {**adapter.spec.to_metadata(), "base_model": str(cfg.model.path), "world_size": world}
     return Run(accelerator, settings, base, adapter, model, task, optimizer, lr_scheduler, loader, generator,
                EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(cfg, resolve=True),
                identity)
