@@ -72,7 +72,7 @@ def test_toy_base_loads_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose(["model=toy"])
     assert cfg.model.path == "data_tools/toy_base"  # as written; resolved from the package root
-    assert check_model(cfg.model, cfg.blocks, cfg.data.clip_image_size) == "sdxl"
+    assert check_model(cfg.model, cfg.blocks, cfg.data.clip_image_size)[0] == "sdxl"
     base = instantiate(cfg.model)
     assert base.image_encoder.config.image_size == 64 and Path(base.path) == REPO / "data_tools" / "toy_base"
 

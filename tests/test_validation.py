@@ -152,7 +152,8 @@ def test_command_line_exits_2_on_missing_styles_folder(tiny_model_dir, shards, t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert errors == ["error: validation.styles: style folder not found: /nonexistent/styles"]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    # The run folder holds Hydra's record and the log of the attempt (output_dir is Hydra's run dir), nothing else.
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_validation_adds_csd_and_dino_metrics(tiny_model_dir, shards, styles, tmp_path):
