@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
+from train.loop import NonFiniteLoss
 
 # Mistakes a user can fix: one line on stderr and exit 2, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLoss)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
