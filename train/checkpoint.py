@@ -143,7 +143,7 @@ def read_state(folder: Path, name: str) -> Any:
 def verify_checkpoint(folder: str | Path, step: int | None = None) -> dict:
     """Read every state the checkpoint lists (JSON, safetensors, the tensors they name); returns its trainer_state.
 
-    CheckpointError, one line: ``checkpoint-… is unusable: ranks.json: No such file …``.
+    CheckpointError, one line: ``checkpoint-… is unusable (ranks: ranks.json: No such file or directory)``.
     Checkpoints are small, so a full read is cheap next to resuming from a broken one.
     """
     folder = Path(folder)
@@ -158,9 +158,15 @@ def verify_checkpoint(folder: str | Path, step: int | None = None) -> dict:
         for what in trainer_state.get("states") or sorted({*CORE_STATES, *present}):
             read_state(folder, what)
     except READ_ERRORS as err:
-        detail = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{folder.name} is unusable: {what}: {detail}") from None
+        raise CheckpointError(f"{folder.name} is unusable ({what}: {_one_line(err)})") from None
     return trainer_state
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        # The file's own name, not its full path: the message names the folder already.
+        return f"{Path(err.filename).name}: {err.strerror}" if err.filename else err.strerror
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 class CheckpointManager:
@@ -325,7 +331,7 @@ def load_checkpoint(folder: str | Path, names: list[str]) -> tuple[dict[str, Any
         states = {name: read_state(folder, name) for name in names if (folder / f"{name}.json").is_file()}
         return states, json.loads((folder / STATE_FILE).read_text())
     except READ_ERRORS as err:  # verified before, so this is a disk changing under us
-        raise CheckpointError(f"{folder.name} is unusable: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
+        raise CheckpointError(f"{folder.name} is unusable ({_one_line(err)})") from None
 
 
 def check_compatible(saved: dict, current: dict, folder: Path) -> None:
