@@ -416,7 +416,7 @@ MAX_SIDE = 2 ** 20
 
 
 def decode_meta(members: dict[str, bytes]) -> dict:
-    """The sample's JSON metadata ({} if absent); BadSample if it does not parse or a conditioning value is out of range."""
+    """The sample's JSON metadata ({} if absent); BadSample if it does not parse or a size is out of range."""
     if "json" not in members:
         return {}
     try:

@@ -112,7 +112,8 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"output_dir={output_dir}: {existing} is a file, so no folder can be made under it; "
                           "choose another output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user; choose another output_dir")
+        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user; "
+                          "choose another output_dir")
 
 
 def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:

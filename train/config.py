@@ -163,7 +163,7 @@ class TrainerConfig:
     log_every: int = 10
     validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
     record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
-    max_nonfinite_steps: int = 10        # stop after this many steps in a row with an inf/NaN loss or gradient (each is skipped)
+    max_nonfinite_steps: int = 10        # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from instantstyle.export import export_safetensors
 from instantstyle.models import BaseModel
-from train.checkpoint import (CheckpointError, CheckpointManager, RunLock, check_compatible, check_finite, gather_json,
+from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
                               load_parts, verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
 from train.config import ConfigError, TrainerConfig
@@ -26,6 +26,7 @@ from train.ema import EMA
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
 from train.run import Run
+from train.run_lock import RunLock
 from train.task import AdaptedUNet, DiffusionTask, rank_seed
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,13 @@ def choose_checkpoint(resume: str | None, manager: CheckpointManager) -> dict:
     """
     if resume in (None, "none"):
         return {"folder": None, "step": 0}
-    folder = manager.newest_usable() if resume == "auto" else Path(resume).resolve()
+    if resume != "auto":
+        folder = Path(resume).resolve()
+        return {"folder": str(folder), "step": verify_checkpoint(folder)["step"]}
+    folder = manager.newest_usable()  # read completely already: only its step is needed
     if folder is None:
         return {"folder": None, "step": 0}
-    step = verify_checkpoint(folder)["step"]
-    return {"folder": folder.name if resume == "auto" else str(folder), "step": step}
+    return {"folder": folder.name, "step": json.loads((folder / "trainer_state.json").read_text())["step"]}
 
 
 @dataclass
