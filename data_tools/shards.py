@@ -337,8 +337,9 @@ def _first_header(block: bytes) -> tuple[str, int, bytes]:
     # A file whose very first block is no tar header is not a shard at all, not a damaged one.
     try:
         return _parse_header(block)
-    except TruncatedTar as error:
-        raise NotATar(f"{error}; is it a tar shard? (a .tar.gz must be decompressed first)") from None
+    except TruncatedTar:
+        gzipped = block[:2] == b"\x1f\x8b"
+        raise NotATar("gzip-compressed: gunzip it first" if gzipped else "its first 512 bytes are no tar header") from None
 
 
 def _long_name(meta: bytes, kind: bytes) -> str | None:
