@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+<<<<<<< HEAD
 from data_tools.shards import (BadSample, TruncatedTar, decode_caption, decode_meta, decode_rgb, expand_shards,
                                image_member, iter_samples, manifest_counts, open_image, open_shard)
 from instantstyle.generate import HelpFormatter
+=======
+from data_tools.shards import (BadSample, NotATar, TruncatedTar, decode_caption, decode_meta, decode_rgb,
+                               expand_shards, image_member, iter_samples, manifest_counts, open_image, open_shard)
+>>>>>>> robust
 
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy")
 SIZE_BUCKETS = (256, 512, 1024, 2048)
@@ -73,6 +78,8 @@ def inspect_shard(url: str, max_pixels: int, expected: int | None) -> ShardRepor
                     continue
                 report.sizes.append(size)
                 report.caption_words.append(len(caption.split()))
+    except NotATar as error:
+        report.bad.append(("-", f"not a tar ({error})"))
     except (TruncatedTar, OSError) as error:
         report.bad.append(("-", f"truncated or unreadable tar after {report.samples} samples ({error})"))
     if expected is not None and expected != report.samples and not report.bad:

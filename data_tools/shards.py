@@ -213,7 +213,15 @@ class BadSample(Exception):
 
 
 class TruncatedTar(Exception):
-    """The shard ended (or broke) before its end-of-archive marker."""
+    """The shard ended (or broke) before its end-of-archive marker; `reason` is the short counter name."""
+
+    reason = "truncated tar"
+
+
+class NotATar(TruncatedTar):
+    """The shard's first block is no tar header (random bytes, text, an image, a gzipped tar)."""
+
+    reason = "not a tar"
 
 
 @dataclass
@@ -250,14 +258,19 @@ def open_shard(url: str) -> Iterator[BinaryIO]:
             yield stream
 
 
+_CHUNK = 1 << 24
+
+
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size)
-    while data is not None and len(data) < size:
-        more = stream.read(size - len(data))
+    # In chunks: a corrupt size field (up to 8 GiB in 11 octal digits) must not allocate it up front.
+    parts, got = [], 0
+    while got < size:
+        more = stream.read(min(size - got, _CHUNK))
         if not more:
-            raise TruncatedTar(f"wanted {size} bytes, got {len(data)}")
-        data += more
-    return data
+            raise TruncatedTar(f"wanted {size} bytes, got {got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _skip(stream: BinaryIO, size: int) -> None:
@@ -270,20 +283,27 @@ def _skip(stream: BinaryIO, size: int) -> None:
         _read_exact(stream, size)
 
 
+def _octal(field: bytes, what: str) -> int:
+    digits = field.split(b"\0")[0].strip() or b"0"
+    if not all(48 <= c <= 55 for c in digits):  # int(…, 8) would also take "+", "_" and spaces
+        raise TruncatedTar(f"corrupt tar header ({what} field {digits[:12]!r} is not octal)")
+    return int(digits, 8)
+
+
 def _parse_header(block: bytes) -> tuple[str, int, bytes]:
-    stored = block[148:156].split(b"\0")[0].strip()
     expected = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    if not stored or int(stored, 8) != expected:
+    if not block[148:156].strip(b"\0 ") or _octal(block[148:156], "checksum") != expected:
         raise TruncatedTar("corrupt tar header (bad checksum)")
     name = block[0:100].split(b"\0")[0].decode("utf-8", "replace")
     prefix = block[345:500].split(b"\0")[0].decode("utf-8", "replace") if block[257:262] == b"ustar" else ""
-    size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+    size = _octal(block[124:136], "size")
     return (f"{prefix}/{name}" if prefix else name), size, block[156:157]
 
 
 def iter_members(stream: BinaryIO, want_data: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, bytes | None]]:
     """Yield (name, data) for regular files; data is None where `want_data(name)` is False."""
     long_name: str | None = None
+    first = True
     while True:
         block = stream.read(_BLOCK)
         if not block:
@@ -292,7 +312,8 @@ def iter_members(stream: BinaryIO, want_data: Callable[[str], bool] = lambda nam
             block += _read_exact(stream, _BLOCK - len(block))
         if block == b"\0" * _BLOCK:
             return
-        name, size, kind = _parse_header(block)
+        name, size, kind = _first_header(block) if first else _parse_header(block)
+        first = False
         padded = -size % _BLOCK
         if kind in (b"x", b"L"):  # pax / GNU long-name records carry the next member's path
             meta = _read_exact(stream, size)
@@ -310,6 +331,15 @@ def iter_members(stream: BinaryIO, want_data: Callable[[str], bool] = lambda nam
         else:
             _skip(stream, size + padded)
             yield name, None
+
+
+def _first_header(block: bytes) -> tuple[str, int, bytes]:
+    # A file whose very first block is no tar header is not a shard at all, not a damaged one.
+    try:
+        return _parse_header(block)
+    except TruncatedTar:
+        gzipped = block[:2] == b"\x1f\x8b"
+        raise NotATar("gzip-compressed: gunzip it first" if gzipped else "its first 512 bytes are no tar header") from None
 
 
 def _long_name(meta: bytes, kind: bytes) -> str | None:
@@ -381,16 +411,26 @@ def decode_caption(members: dict[str, bytes]) -> str:
     raise BadSample("missing caption")
 
 
+# Metadata that becomes SDXL conditioning (int64 time ids): absent/null, or a side length up to 2**20 px.
+CONDITIONING_KEYS = ("original_height", "original_width")
+MAX_SIDE = 2 ** 20
+
+
 def decode_meta(members: dict[str, bytes]) -> dict:
-    """The sample's JSON metadata ({} if absent); BadSample if it does not parse."""
+    """The sample's JSON metadata ({} if absent); BadSample if it does not parse or a size is out of range."""
     if "json" not in members:
         return {}
     try:
         meta = json.loads(members["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise BadSample("bad json", str(error)) from None
     if not isinstance(meta, dict):
         raise BadSample("bad json", "not an object")
+    for key in CONDITIONING_KEYS:
+        value = meta.get(key)
+        # bool is an int in Python; a float or string here is a writer's bug, not a size.
+        if value is not None and (type(value) is not int or not 0 < value <= MAX_SIDE):
+            raise BadSample("bad metadata", f"{key}={str(value)[:40]} is not a side length in 1..{MAX_SIDE}")
     return meta
 
 

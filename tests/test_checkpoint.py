@@ -170,3 +170,24 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_model_dir, shards, tmp_path):
     assert summary["preempted"] and 2 <= summary["step"] < 500
     assert CheckpointManager(out / "checkpoints", 3).latest().name == f"checkpoint-{summary['step']:08d}"
     assert not (out / "ip-adapter.safetensors").exists()
+
+
+def test_rotate_deletes_only_its_own_stale_temp_folders(tmp_path, monkeypatch):
+    import train.checkpoint as checkpoint
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    foreign = tmp_path / "tmp-00000005-0other00"  # another process's write in progress
+    foreign.mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError):
+        manager.save(1, {"adapter": {"w": torch.ones(2)}}, {"step": 1}, "")
+    monkeypatch.undo()
+    own = [p for p in tmp_path.glob("tmp-*") if p != foreign]
+    assert len(own) == 1  # this manager's failed write
+    manager.save(2, {"adapter": {"w": torch.ones(2)}}, {"step": 2}, "")
+    assert foreign.is_dir() and not own[0].exists()
+    assert [p.name for p in manager.complete()] == ["checkpoint-00000002"]

@@ -60,3 +60,35 @@ def test_no_match_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as error:
         check_shards.main([str(tmp_path / "none*.tar")])
     assert "matches no shards" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_files_that_are_not_tars_are_bad_shards_not_crashes(tmp_path, capsys):
+    import gzip
+
+    write_synthetic_shards(tmp_path, num=4, size=32, seed=0, per_shard=4)
+    good = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(bytes(range(256)) * 8)  # random-looking bytes
+    (tmp_path / "00002.tar").write_bytes(b"a caption, not a shard\n" * 50)
+    (tmp_path / "00003.tar").write_bytes(gzip.compress(good, mtime=0))
+    header = bytearray(good)  # a valid checksum over a size field that is not octal
+    header[124:136] = b"9z9z9z9z9z9\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    (tmp_path / "00004.tar").write_bytes(bytes(header))
+    assert check_shards.main([str(tmp_path / "*.tar")]) == 1
+    out = capsys.readouterr().out
+    for shard in ("00001", "00002", "00003", "00004"):
+        assert f"BAD {shard}.tar -: not a tar" in out
+    assert "00000.tar                       4     0" in out and "4 bad" in out
+
+
+def test_conditioning_metadata_out_of_range_is_reported(tmp_path, capsys):
+    write_synthetic_shards(tmp_path, num=3, size=32, seed=0, per_shard=3)
+    samples = read_samples(tmp_path / "00000.tar")
+    samples[0].members["json"] = b'{"original_height": 100000000000000000000000, "original_width": 64}'
+    samples[1].members["json"] = b'{"original_height": 64, "original_width": -1}'
+    (tmp_path / "00000.tar").write_bytes(tar_bytes(samples))
+    assert check_shards.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "BAD 00000.tar 000000000: bad metadata: original_height=" in out
+    assert "BAD 00000.tar 000000001: bad metadata: original_width=-1" in out and "2 bad" in out

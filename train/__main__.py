@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+<<<<<<< HEAD
 from train.config import ConfigError, check_sections, compose
 
 
@@ -46,6 +47,14 @@ def quiet_libraries() -> None:
     # kernels package. Only optim=adamw8bit uses bitsandbytes, and that runs on GPUs.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
+=======
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.loop import NonFiniteLoss
+
+# Mistakes a user can fix: one line on stderr and exit 2, no traceback.
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLoss)
+>>>>>>> robust
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

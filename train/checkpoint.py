@@ -2,26 +2,34 @@
 
 A checkpoint is a folder ``checkpoint-{step:08d}`` written as ``tmp-…`` and renamed only
 once every file is fsynced, so a kill mid-write leaves the previous checkpoints intact.
-``trainer_state.json`` is written last; a folder without it is never resumed from.
+``trainer_state.json`` is written last and lists the states the folder holds; a folder without
+it is never resumed from, and ``verify_checkpoint`` reads every listed state before one is.
 Frozen models are never saved: a checkpoint holds only what training changes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"^checkpoint-(\d{8})$")
+# States every checkpoint holds; those written before trainer_state.json listed its states are checked for these.
+CORE_STATES = ("adapter", "optimizer", "lr_scheduler", "ranks")
+# What a damaged file raises while it is read and decoded.
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, SafetensorError)
 
 
 class CheckpointError(ValueError):
@@ -83,9 +91,44 @@ def write_state(folder: Path, name: str, state: Any) -> None:
     """``name.json`` (+ ``name.safetensors`` when the state holds tensors) inside ``folder``."""
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_state(state, tensors)
+    _write_encoded(folder, name, tree, tensors)
+
+
+def _write_encoded(folder: Path, name: str, tree: Any, tensors: dict[str, torch.Tensor]) -> None:
     if tensors:
         save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(tree))
+
+
+def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(tree path, tensor) of every tensor in a state dict, without copying any."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from iter_tensors(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from iter_tensors(value, f"{path}.{i}")
+
+
+def nonfinite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The path of the first floating-point tensor holding inf or NaN, or None."""
+    for path, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return path
+    return None
+
+
+FINITE_HINT = "lower optim.lr, set trainer.max_grad_norm, check trainer.noise_offset"
+
+
+def check_finite(parts: Mapping[str, Stateful], what: str) -> None:
+    """CheckpointError naming the first non-finite tensor of ``parts``: such weights are never written."""
+    for name, part in parts.items():
+        bad = nonfinite_tensor(iter_tensors(part.state_dict()))
+        if bad is not None:
+            raise CheckpointError(f"refusing to write the {what}: {name} tensor {bad!r} holds inf/NaN ({FINITE_HINT})")
 
 
 def read_state(folder: Path, name: str) -> Any:
@@ -95,11 +138,41 @@ def read_state(folder: Path, name: str) -> Any:
     return decode_state(json.loads((folder / f"{name}.json").read_text()), tensors)
 
 
+def verify_checkpoint(folder: str | Path, step: int | None = None) -> dict:
+    """Read every state the checkpoint lists (JSON, safetensors, the tensors they name); returns its trainer_state.
+
+    CheckpointError, one line: ``checkpoint-… is unusable (ranks: ranks.json: No such file or directory)``.
+    Checkpoints are small, so a full read is cheap next to resuming from a broken one.
+    """
+    folder = Path(folder)
+    what = STATE_FILE
+    try:
+        trainer_state = json.loads((folder / STATE_FILE).read_text())
+        if not isinstance(trainer_state, dict) or type(trainer_state.get("step")) is not int:
+            raise ValueError("no integer step")
+        if step is not None and trainer_state["step"] != step:
+            raise ValueError(f"step {trainer_state['step']}, expected {step}")
+        present = [p.stem for p in folder.glob("*.json") if p.name != STATE_FILE]
+        for what in trainer_state.get("states") or sorted({*CORE_STATES, *present}):
+            read_state(folder, what)
+    except READ_ERRORS as err:
+        raise CheckpointError(f"{folder.name} is unusable ({what}: {_one_line(err)})") from None
+    return trainer_state
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        # The file's own name, not its full path: the message names the folder already.
+        return f"{Path(err.filename).name}: {err.strerror}" if err.filename else err.strerror
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 class CheckpointManager:
     """Writes, rotates and finds checkpoints under ``RUN/checkpoints``."""
 
     def __init__(self, root: str | Path, keep: int) -> None:
         self.root, self.keep = Path(root), keep
+        self._own_tmp: set[str] = set()  # tmp- folders this manager made and has not renamed yet
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (``tmp-`` folders and unfinished ones are ignored)."""
@@ -113,15 +186,46 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
+    def newest_usable(self) -> Path | None:
+        """The newest checkpoint that reads completely (None when there is none); each newer one is logged with why.
+
+        CheckpointError when there are checkpoints but none reads: starting over beside them could
+        rotate good work away, so that is the user's call.
+        """
+        done, reason = self.complete(), ""
+        for folder in reversed(done):
+            try:
+                verify_checkpoint(folder)
+                return folder
+            except CheckpointError as err:
+                reason = str(err)
+                log.warning("%s; trying an older checkpoint", reason)
+        if done:
+            raise CheckpointError(f"no usable checkpoint in {self.root} (newest: {reason}); move the broken ones "
+                                  "away, resume=PATH from another copy, or resume=none to start over")
+        return None
+
     def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str) -> Path:
-        """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K."""
+        """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K.
+
+        CheckpointError (nothing written) when a tensor holds inf/NaN.
+        """
+        encoded = {}
+        for name, state in states.items():
+            tensors: dict[str, torch.Tensor] = {}
+            encoded[name] = (encode_state(state, tensors), tensors)
+            bad = nonfinite_tensor(tensors.items())
+            if bad is not None:
+                raise CheckpointError(f"refusing to write checkpoint-{step:08d}: {name} tensor {bad!r} holds inf/NaN "
+                                      f"({FINITE_HINT})")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        for name, state in states.items():
-            write_state(tmp, name, state)
+        self._own_tmp.add(tmp.name)
+        for name, (tree, tensors) in encoded.items():
+            _write_encoded(tmp, name, tree, tensors)
         (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "states": list(states)}, indent=2))
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -129,14 +233,24 @@ class CheckpointManager:
         if final.exists():  # the same step saved twice (preemption right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
+        self._own_tmp.discard(tmp.name)
         _fsync(self.root)
         self.rotate()
         return final
 
     def rotate(self) -> None:
-        """Delete all but the newest ``keep`` complete checkpoints, and stale ``tmp-`` folders."""
+        """Delete all but the newest ``keep`` complete checkpoints, and this manager's own failed ``tmp-`` writes.
+
+        Another process's ``tmp-`` folder may be a write in progress; see ``remove_stale_tmp``.
+        """
         for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for name in sorted(self._own_tmp):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        self._own_tmp.clear()
+
+    def remove_stale_tmp(self) -> None:
+        """Delete every ``tmp-`` folder: only call while holding the run's ``RunLock`` (then they are a dead run's)."""
         for stale in self.root.glob("tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -173,8 +287,11 @@ def load_checkpoint(folder: str | Path, names: list[str]) -> tuple[dict[str, Any
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); use resume=auto or another one")
-    states = {name: read_state(folder, name) for name in names if (folder / f"{name}.json").is_file()}
-    return states, json.loads((folder / STATE_FILE).read_text())
+    try:
+        states = {name: read_state(folder, name) for name in names if (folder / f"{name}.json").is_file()}
+        return states, json.loads((folder / STATE_FILE).read_text())
+    except READ_ERRORS as err:  # verified before, so this is a disk changing under us
+        raise CheckpointError(f"{folder.name} is unusable ({_one_line(err)})") from None
 
 
 def check_compatible(saved: dict, current: dict, folder: Path) -> None:

@@ -109,9 +109,30 @@ def check_resume(resume: Any, output_dir: str) -> None:
                           f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
 
 
+<<<<<<< HEAD
 def check_model(model_cfg: DictConfig, blocks: DictConfig,
                 clip_image_size: int) -> tuple[str | None, list[str] | None]:
     """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
+=======
+def check_output_dir(output_dir: str) -> None:
+    """The run folder is a writable folder, or can be made as one."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file, not a folder; choose another output_dir")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={output_dir}: {existing} is a file, so no folder can be made under it; "
+                          "choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user; "
+                          "choose another output_dir")
+
+
+def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:
+    """The base exists, the target blocks exist in its UNet, the image encoder fits; returns the family."""
+>>>>>>> robust
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -121,9 +142,17 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig,
     from train.builders import resolve_model_path
 
     model = section(model_cfg, "model", ModelConfig)
+<<<<<<< HEAD
     path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
     if model.build_if_missing and not Path(path, "unet").is_dir():
         return None, None  # the tiny base is built on first use; it always fits
+=======
+    if Path(model.path).expanduser().is_file():
+        raise ConfigError(f"model.path={model.path} is a file; give the base model's diffusers folder (with unet/) "
+                          "or a hub id")
+    if model.build_if_missing and not Path(model.path, "unet").is_dir():
+        return None  # the tiny base is built on first use; it always fits
+>>>>>>> robust
     try:
         unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
         with torch.device("meta"):
@@ -208,6 +237,7 @@ def check_config(cfg: DictConfig) -> Settings:
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
     check_known_keys(cfg)
+    check_output_dir(str(cfg.output_dir))
     trainer = section(cfg.trainer, "trainer", TrainerConfig)
     adapter_type = str(cfg.adapter.type)
     for name, schema in (("adapter", AdapterConfig), ("logger", LoggerConfig), ("optim", OptimConfig)):

@@ -168,6 +168,7 @@ class TrainerConfig:
     log_every: int = 10
     validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
     record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
+    max_nonfinite_steps: int = 10        # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
@@ -189,6 +190,7 @@ class TrainerConfig:
             (t.content_scale >= 0, f"trainer.content_scale must be ≥ 0 (got {t.content_scale})"),
             (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
             (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
+            (t.max_nonfinite_steps >= 1, f"trainer.max_nonfinite_steps must be ≥ 1 (got {t.max_nonfinite_steps})"),
         ])
 
     @property

@@ -7,13 +7,19 @@ is ever written: the wandb key stays in ``wandb login``/``WANDB_API_KEY``.
 from __future__ import annotations
 
 import json
+import logging
+import netrc
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,11 +39,29 @@ def build_trackers(name: str, project: str = "instantstyle", mode: str = "offlin
     if name == "tensorboard":
         return Trackers(["tensorboard"], project)
     if name == "wandb":
+        if mode == "online" and not wandb_key_available():
+            log.warning("logger.mode=online but no wandb API key (WANDB_API_KEY or `wandb login`): logging offline "
+                        "instead; upload later with wandb sync %s/wandb", run_dir)
+            mode = "offline"
         kwargs = {"mode": mode, "dir": str(run_dir), "tags": list(tags or [])}
         if entity:
             kwargs["entity"] = entity
         return Trackers(["wandb"], project, {"wandb": kwargs})
     raise ValueError(f"unknown logger {name!r} — valid: none, tensorboard, wandb")
+
+
+def wandb_key_available() -> bool:
+    """True when wandb can log in: WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    for path in filter(None, (os.environ.get("NETRC"), "~/.netrc", "~/_netrc")):
+        try:
+            if netrc.netrc(os.path.expanduser(path)).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue  # missing or unreadable: look at the next place
+    return False
 
 
 def loggable_config(cfg: DictConfig) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 
 from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter
 from instantstyle.generate import StyleGenerator
-from train.checkpoint import CheckpointManager, capture_rng, gather_json, restore_rng, save_parts
+from train.checkpoint import (FINITE_HINT, CheckpointManager, capture_rng, check_finite, gather_json, restore_rng,
+                              save_parts)
 from train.loggers import ThroughputMeter
 from train.run import Run
 
@@ -47,7 +49,8 @@ class StopSignal:
 
 
 def save_checkpoint(run: Run, manager: CheckpointManager) -> None:
-    """Gather every rank's own state; only the main process writes."""
+    """Gather every rank's own state; only the main process writes (never inf/NaN weights)."""
+    check_finite(run.parts(), f"checkpoint at step {run.step}")  # every rank holds the same parts: all stop together
     ranks = gather_json(run.rank_part().state_dict(), run.accelerator)
     if run.accelerator.is_main_process:
         trainer_state = {"step": run.step, "identity": run.identity,
@@ -123,8 +126,15 @@ def validation_due(run: Run) -> bool:
     return v.enabled and (run.step % v.every == 0 or run.step == run.trainer.max_steps)
 
 
-def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm)."""
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had an inf/NaN loss or gradient norm; the message is one line."""
+
+
+def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float, bool]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm, finite).
+
+    A non-finite loss or gradient norm skips the step: no update, and the schedule and EMA stay put.
+    """
     accelerator, losses = run.accelerator, []
     for _ in range(run.trainer.gradient_accumulation_steps):
         with meter.waiting():
@@ -136,13 +146,33 @@ def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float]
         losses.append(loss.detach())
     # accumulate() has synced gradients on the last micro-batch.
     max_norm = run.trainer.max_grad_norm or float("inf")
-    grad_norm = accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm)
-    run.optimizer.step()
-    run.lr_scheduler.step()
+    grad_norm = float(accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm))
+    mean_loss = float(torch.stack(losses).mean())  # the same two host syncs as always, before the step now
+    # The loss is an MSE through the prediction, so a rank's inf/NaN loss makes the all-reduced gradients
+    # non-finite on every rank: all ranks skip together. fp16's grad scaler judges overflowing gradients itself.
+    finite = math.isfinite(mean_loss) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+    if finite:
+        run.optimizer.step()
+        if not run.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped it and lowered its scale
+            run.lr_scheduler.step()
+            if run.ema is not None:
+                run.ema.update(run.adapter)
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update(run.adapter)
-    return float(torch.stack(losses).mean()), float(grad_norm)
+    return mean_loss, grad_norm, finite
+
+
+def count_nonfinite(run: Run, finite: bool, in_row: int, loss: float, grad_norm: float) -> int:
+    """Count a skipped step; NonFiniteLoss after ``trainer.max_nonfinite_steps`` in a row. Returns the streak."""
+    if finite:
+        return 0
+    in_row += 1
+    run.summary["skipped_nonfinite"] = run.summary.get("skipped_nonfinite", 0) + 1
+    log.warning("step %d: loss %s, gradient norm %s: optimizer step skipped (%d in a row)",
+                run.step, loss, grad_norm, in_row)
+    if in_row >= run.trainer.max_nonfinite_steps:
+        raise NonFiniteLoss(f"{in_row} steps in a row had an inf/NaN loss or gradient norm (up to step {run.step}), "
+                            f"each skipped; stopping: {FINITE_HINT}")
+    return in_row
 
 
 def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
@@ -156,6 +186,7 @@ def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict
             if key.startswith("data/skipped/"):
                 skipped[key] = skipped.get(key, 0) + value
     metrics = {"train/loss": loss, "train/lr": run.lr_scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+               "train/skipped_nonfinite": run.summary.get("skipped_nonfinite", 0),
                "perf/samples_per_s": window["samples_per_s"], "perf/data_wait_frac": window["data_wait_frac"],
                **skipped}
     acc.log(metrics, step=run.step)
@@ -176,11 +207,13 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
     # A bar redraws one line with \r: in a redirected log (sbatch, nohup, CI) that is one huge line.
     show_bar = acc.is_main_process and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not show_bar)
-    start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
+    start, first_step, metrics, preempted, nonfinite = time.perf_counter(), run.step, {}, False, 0
+    run.summary.setdefault("skipped_nonfinite", 0)
     try:
         while run.step < t.max_steps:
-            loss, grad_norm = train_step(run, batches, meter)
+            loss, grad_norm, finite = train_step(run, batches, meter)
             run.step += 1
+            nonfinite = count_nonfinite(run, finite, nonfinite, loss, grad_norm)
             meter.add(samples_per_step, loss)
             bar.update(1)
             if run.step % t.log_every == 0 or run.step == t.max_steps:

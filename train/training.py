@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 
 from instantstyle.export import export_safetensors
 from instantstyle.models import BaseModel
-from train.checkpoint import CheckpointManager, check_compatible, load_parts
+from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
+                              load_parts, verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
 from train.config import ConfigError, TrainerConfig
 from train.data import build_train_loader
@@ -22,6 +26,7 @@ from train.ema import EMA
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
 from train.run import Run
+from train.run_lock import RunLock
 from train.task import AdaptedUNet, DiffusionTask, rank_seed
 
 log = logging.getLogger(__name__)
@@ -79,11 +84,61 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
                identity)
 
 
-def checkpoint_to_resume(resume: str | None, manager: CheckpointManager) -> Path | None:
-    """auto = newest complete checkpoint (None when there is none), none = fresh, else that folder."""
+def choose_checkpoint(resume: str | None, manager: CheckpointManager) -> dict:
+    """The main process's choice as JSON: ``folder`` (a name under ``manager.root``, or a path) and its ``step``.
+
+    auto = the newest checkpoint that reads completely (older ones after a broken one), none = fresh,
+    else that folder, which must read completely.
+    """
     if resume in (None, "none"):
-        return None
-    return manager.latest() if resume == "auto" else Path(resume)
+        return {"folder": None, "step": 0}
+    if resume != "auto":
+        folder = Path(resume).resolve()
+        return {"folder": str(folder), "step": verify_checkpoint(folder)["step"]}
+    folder = manager.newest_usable()  # read completely already: only its step is needed
+    if folder is None:
+        return {"folder": None, "step": 0}
+    return {"folder": folder.name, "step": json.loads((folder / "trainer_state.json").read_text())["step"]}
+
+
+@dataclass
+class ResumePoint:
+    """Where every rank starts: a checkpoint folder (None = fresh) at ``step``; ``done`` = nothing left to do."""
+
+    folder: Path | None
+    step: int = 0
+    done: bool = False
+
+
+def checkpoint_to_resume(resume: str | None, manager: CheckpointManager, accelerator: Accelerator,
+                         decide: Callable[[], dict] | None = None) -> ResumePoint:
+    """The checkpoint every rank resumes from: rank 0 chooses, every rank checks it sees the same one.
+
+    ``decide`` (main process only) replaces ``choose_checkpoint`` when the choice involves more (the run
+    lock, a finished run). A CheckpointError on any rank is raised on every rank, so none is left
+    waiting in a collective for one that quit.
+    """
+    choice, error = None, None
+    if accelerator.is_main_process:
+        try:
+            choice = decide() if decide is not None else choose_checkpoint(resume, manager)
+        except CheckpointError as err:
+            error = str(err)
+    choice, error = gather_json([choice, error], accelerator)[0]  # JSON bytes in a tensor: no pickle
+    if error:
+        raise CheckpointError(error)
+    folder = None if choice["folder"] is None else manager.root / choice["folder"]  # a path stays a path
+    problem = None
+    if folder is not None and not accelerator.is_main_process:
+        try:
+            verify_checkpoint(folder, step=choice["step"])
+        except CheckpointError as err:
+            problem = f"rank {accelerator.process_index} cannot resume from {folder} (step {choice['step']}), " \
+                      f"which rank 0 chose: {err}; output_dir must be one folder every node shares"
+    problems = [p for p in gather_json(problem, accelerator) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return ResumePoint(folder, choice["step"], bool(choice.get("done")))
 
 
 def restore(run: Run, folder: Path) -> None:
@@ -103,18 +158,57 @@ def export_final(run: Run) -> Path:
     return export_safetensors(run.adapter, run.base.unet, run.run_dir / EXPORT_NAME, dtype="fp32", step=run.step)
 
 
-def train(cfg: DictConfig) -> Run:
-    """Train an adapter as ``cfg`` says; returns the finished run (its ``summary`` is also on disk)."""
-    from train.loop import fit
+def exported_step(path: Path) -> int | None:
+    """The step recorded in an export's header, or None when there is no readable export."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {}).get("step", ""))
+    except (OSError, ValueError, SafetensorError):
+        return None
 
+
+def claim_run_dir(lock: RunLock, manager: CheckpointManager, resume: str | None, max_steps: int) -> dict:
+    """Main process: lock RUN, clear a dead run's temp folders, choose the checkpoint, and see if the run is done."""
+    lock.acquire()
+    manager.remove_stale_tmp()  # under the lock, every tmp- folder is a killed run's
+    choice = choose_checkpoint(resume, manager)
+    # Done = the export is the one the newest checkpoint at max_steps made; anything else resumes (and re-exports).
+    step = choice["step"]
+    choice["done"] = (resume == "auto" and choice["folder"] is not None and step >= max_steps
+                      and exported_step(manager.root.parent / EXPORT_NAME) == step)
+    return choice
+
+
+def train(cfg: DictConfig) -> Run | None:
+    """Train an adapter as ``cfg`` says; returns the finished run (its ``summary`` is also on disk).
+
+    None when ``output_dir`` already holds this run finished (resume=auto): nothing is trained again.
+    """
     settings = check_config(cfg)
     run_dir = Path(cfg.output_dir)
     trackers = instantiate(cfg.logger, run_dir=str(run_dir))
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
     check_distributed(str(accelerator.distributed_type).split(".")[-1])
-    run = build_run(cfg, settings, accelerator, run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
-    folder = checkpoint_to_resume(cfg.resume, manager)
+    lock = RunLock(run_dir)  # held by the main process until train returns (or the process dies)
+    try:
+        start = checkpoint_to_resume(cfg.resume, manager, accelerator, lambda: claim_run_dir(
+            lock, manager, cfg.resume, settings.trainer.max_steps))
+        if start.done:
+            log.info("already done: %s (step %d)", run_dir / EXPORT_NAME, start.step)
+            return None
+        return run_training(cfg, settings, accelerator, trackers, manager, start.folder)
+    finally:
+        lock.release()
+
+
+def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, trackers: Trackers,
+                 manager: CheckpointManager, folder: Path | None) -> Run:
+    """Build, resume, fit and export, once ``train`` holds the output_dir."""
+    from train.loop import fit
+
+    run_dir = manager.root.parent
+    run = build_run(cfg, settings, accelerator, run_dir)
     if folder is not None:
         restore(run, folder)
     if accelerator.is_main_process:
@@ -122,8 +216,10 @@ def train(cfg: DictConfig) -> Run:
         (run_dir / "config.yaml").write_text(run.config_yaml)
     accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
     fit(run, manager)
-    if accelerator.is_main_process and not run.summary.get("preempted"):
-        run.summary["export"] = str(export_final(run))
+    if not run.summary.get("preempted"):
+        check_finite(run.parts(), "export")  # on every rank, so they stop together
+        if accelerator.is_main_process:
+            run.summary["export"] = str(export_final(run))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
     accelerator.wait_for_everyone()
