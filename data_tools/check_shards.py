@@ -18,14 +18,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-<<<<<<< HEAD
-from data_tools.shards import (BadSample, TruncatedTar, decode_caption, decode_meta, decode_rgb, expand_shards,
-                               image_member, iter_samples, manifest_counts, open_image, open_shard)
-from instantstyle.generate import HelpFormatter
-=======
 from data_tools.shards import (BadSample, NotATar, TruncatedTar, decode_caption, decode_meta, decode_rgb,
                                expand_shards, image_member, iter_samples, manifest_counts, open_image, open_shard)
->>>>>>> robust
+from instantstyle.generate import HelpFormatter
 
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy")
 SIZE_BUCKETS = (256, 512, 1024, 2048)

@@ -12,7 +12,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-<<<<<<< HEAD
 from train.config import ConfigError, check_sections, compose
 
 
@@ -47,14 +46,6 @@ def quiet_libraries() -> None:
     # kernels package. Only optim=adamw8bit uses bitsandbytes, and that runs on GPUs.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
-=======
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.loop import NonFiniteLoss
-
-# Mistakes a user can fix: one line on stderr and exit 2, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLoss)
->>>>>>> robust
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -62,11 +53,12 @@ def main(cfg: DictConfig) -> None:
     """Hydra's entry: train as ``cfg`` says; a mistake the user can fix is one line and exit 2."""
     quiet_libraries()
     from train.checkpoint import CheckpointError
+    from train.loop import NonFiniteLoss
     from train.training import train
 
     try:
         train(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

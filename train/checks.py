@@ -109,11 +109,6 @@ def check_resume(resume: Any, output_dir: str) -> None:
                           f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
 
 
-<<<<<<< HEAD
-def check_model(model_cfg: DictConfig, blocks: DictConfig,
-                clip_image_size: int) -> tuple[str | None, list[str] | None]:
-    """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
-=======
 def check_output_dir(output_dir: str) -> None:
     """The run folder is a writable folder, or can be made as one."""
     path = Path(output_dir).expanduser()
@@ -130,9 +125,9 @@ def check_output_dir(output_dir: str) -> None:
                           "choose another output_dir")
 
 
-def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:
-    """The base exists, the target blocks exist in its UNet, the image encoder fits; returns the family."""
->>>>>>> robust
+def check_model(model_cfg: DictConfig, blocks: DictConfig,
+                clip_image_size: int) -> tuple[str | None, list[str] | None]:
+    """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -142,17 +137,12 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig) -> str | None:
     from train.builders import resolve_model_path
 
     model = section(model_cfg, "model", ModelConfig)
-<<<<<<< HEAD
-    path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
-    if model.build_if_missing and not Path(path, "unet").is_dir():
-        return None, None  # the tiny base is built on first use; it always fits
-=======
     if Path(model.path).expanduser().is_file():
         raise ConfigError(f"model.path={model.path} is a file; give the base model's diffusers folder (with unet/) "
                           "or a hub id")
-    if model.build_if_missing and not Path(model.path, "unet").is_dir():
-        return None  # the tiny base is built on first use; it always fits
->>>>>>> robust
+    path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
+    if model.build_if_missing and not Path(path, "unet").is_dir():
+        return None, None  # the tiny base is built on first use; it always fits
     try:
         unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
         with torch.device("meta"):
