@@ -347,7 +347,7 @@ def test_a_nonfinite_checkpoint_or_export_is_refused(tmp_path):
 def test_brace_pattern_in_the_documented_shell_form_composes_and_expands():
     readme = (REPO / "README.md").read_text()
     words = [w for line in readme.splitlines() if line.lstrip().startswith(("python -m train", "./launch.sh"))
-             for w in shlex.split(line.split("#")[0]) if w.startswith("data.shards=") and "{" in w]
+             for w in shlex.split(line.split("#")[0].rstrip().rstrip("\\")) if w.startswith("data.shards=") and "{" in w]
     assert words, "the README documents a brace pattern"
     for word in words:  # what the shell hands Hydra
         compose(["model.path=/m", word, "output_dir=/o"])
