@@ -68,8 +68,8 @@ def fixed_batch(batch_size: int = 2) -> dict:
     """A deterministic batch in the loader's format."""
     g = torch.Generator().manual_seed(1)
     return {
-        "pixel_values": torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1,
-        "clip_pixel_values": torch.randn(batch_size, 3, 224, 224, generator=g),
+        "pixel_values": torch.randint(0, 256, (batch_size, 64, 64, 3), generator=g, dtype=torch.uint8),
+        "clip_pixel_values": torch.randint(0, 256, (batch_size, 224, 224, 3), generator=g, dtype=torch.uint8),
         "captions": ["a red circle", ""][:batch_size],
         "drop_image": torch.tensor([False, True][:batch_size]),
         "original_size": torch.tensor([[480, 640], [64, 64]][:batch_size]),

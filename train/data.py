@@ -23,7 +23,7 @@ from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta
                                shard_sample_counts)
 from train.data_stream import StreamPlan
 from train.config import DataConfig, section
-from train.transforms import prepare_image, to_clip_input, to_unit_range
+from train.transforms import prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,15 @@ def _original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
 
 
 def collate(examples: list[dict], cfg: DataConfig) -> dict:
-    """Stack examples into the batch format the training task consumes."""
+    """Stack examples into the batch format the training task consumes.
+
+    Pixels stay uint8 (B, H, W, 3): workers hand batches over in shared memory, 4× smaller than
+    float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
+    """
     size = cfg.resolution
     return {
-        "pixel_values": to_unit_range(torch.from_numpy(np.stack([e["pixels"] for e in examples]))),
-        "clip_pixel_values": to_clip_input(torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
-                                           cfg.clip_mean, cfg.clip_std),
+        "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
+        "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
         "captions": [e["caption"] for e in examples],
         "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
         "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),

@@ -63,7 +63,8 @@ def fixed_batch_loss(run: Run, batch: dict, seed: int = 0) -> float:
     generator = torch.Generator(run.accelerator.device).manual_seed(seed)
     model = run.accelerator.unwrap_model(run.model)
     task = DiffusionTask(run.base, model, adapter_type=run.task.adapter_type, generator=generator,
-                         noise_offset=run.task.noise_offset, snr_gamma=run.task.snr_gamma)
+                         noise_offset=run.task.noise_offset, snr_gamma=run.task.snr_gamma,
+                         clip_mean=run.task.clip_mean, clip_std=run.task.clip_std)  # datascale: same pixel normalisation
     return float(task(batch)[0])
 
 

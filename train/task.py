@@ -19,7 +19,9 @@ from torch import nn
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.content import encode_image
 from instantstyle.diffusion import prediction_target
+from instantstyle.encode import clip_input, vae_input
 from instantstyle.models import BaseModel, encode_prompts
+from train.config import CLIP_MEAN, CLIP_STD
 
 
 class AdaptedUNet(nn.Module):
@@ -56,9 +58,11 @@ class DiffusionTask:
     """Noise-prediction loss of the adapted UNet; ``task(batch) -> (loss, metrics)``."""
 
     def __init__(self, base: BaseModel, model: nn.Module, *, adapter_type: str, generator: torch.Generator,
-                 noise_offset: float = 0.0, snr_gamma: float | None = None) -> None:
+                 noise_offset: float = 0.0, snr_gamma: float | None = None,
+                 clip_mean: tuple[float, ...] = CLIP_MEAN, clip_std: tuple[float, ...] = CLIP_STD) -> None:
         self.base, self.model, self.adapter_type = base, model, adapter_type
         self.generator, self.noise_offset, self.snr_gamma = generator, noise_offset, snr_gamma
+        self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.scheduler = base.noise_scheduler
         self.device = base.unet.device
 
@@ -66,10 +70,11 @@ class DiffusionTask:
     def encode(self, batch: dict) -> Conditioning:
         """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad."""
         vae = self.base.vae
-        pixels = batch["pixel_values"].to(self.device, vae.dtype)
+        pixels = vae_input(batch["pixel_values"].to(self.device)).to(vae.dtype)  # uint8 → [-1, 1] on the device
         latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
         prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device), self.adapter_type)
+        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
+        features = encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
         keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None

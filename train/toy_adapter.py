@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data_tools import synthetic
-from data_tools.toy_data import ToyData, to_clip, to_unit
+from data_tools.toy_data import ToyData
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.models import BaseModel
 from train.builders import build_adapter
@@ -27,7 +27,8 @@ def toy_batch(data: ToyData, idx: torch.Tensor, g: torch.Generator, text_drop: f
     dropped = (torch.rand(n, generator=g) < text_drop).tolist()
     captions = ["" if d else synthetic.content_caption(data.attributes[i]) for d, i in zip(dropped, idx.tolist())]
     size = torch.tensor([[64, 64]] * n)
-    return {"pixel_values": to_unit(data.images[idx]), "clip_pixel_values": to_clip(data.images[idx]),
+    pixels = data.images[idx].permute(0, 2, 3, 1).contiguous()  # uint8 (B,H,W,3); the encoder takes 64 px too
+    return {"pixel_values": pixels, "clip_pixel_values": pixels,
             "captions": captions, "drop_image": torch.zeros(n, dtype=torch.bool), "original_size": size,
             "crop_coords_top_left": torch.zeros(n, 2, dtype=torch.long), "target_size": size}
 

@@ -67,7 +67,8 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
     task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
-                         noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma)
+                         noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma,
+                         clip_mean=settings.data.clip_mean, clip_std=settings.data.clip_std)  # datascale: pixels normalised in the task
     loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
                                 world_size=world, urls=settings.shard_urls)
     identity = {**adapter.spec.to_metadata(), "world_size": world}

@@ -9,15 +9,10 @@ the training resolution.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
-import torch
 from PIL import Image
 
 from data_tools.shards import decode_rgb
-from train.config import CLIP_MEAN, CLIP_STD
-
 
 
 @dataclass
@@ -64,15 +59,3 @@ def prepare_image(image: Image.Image, resolution: int, clip_size: int, *, random
         left = new_w - left - resolution
     clip = crop.resize((clip_size, clip_size), Image.BICUBIC)
     return PreparedImage(np.asarray(crop), np.asarray(clip), (height, width), (top, left))
-
-
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,H,W,3) → float32 (B,3,H,W) in [-1, 1], the VAE's input range."""
-    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
-def to_clip_input(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """uint8 (B,H,W,3) → float32 (B,3,H,W) normalised with CLIP's mean/std."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean_t).div_(std_t)
