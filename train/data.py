@@ -4,11 +4,13 @@ The training loop calls only `build_train_loader(cfg.data, ...)`; the loader is 
 iterator over batches with `state_dict()`/`load_state_dict()`. One sample travels top to
 bottom: `train.data_stream` says which raw samples this stream reads, in which order
 (opening shards and reading members with `data_tools.shards`) → `decode_sample` decodes the
-members (`data_tools.shards`) and transforms the pixels (`train.transforms`) → `collate`.
+members (`data_tools.shards`) and transforms the pixels (`data_tools.transforms`, into an aspect-ratio
+bucket of `data_tools.buckets` when `data.buckets` is set) → `collate`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,11 +21,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
+from data_tools.transforms import prepare_image
 from train.data_stream import StreamPlan
 from train.config import DataConfig, section
-from train.transforms import prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,27 @@ def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     data = image_member(raw.members)
     caption = decode_caption(raw.members)
     meta = decode_meta(raw.members)
-    prepared = prepare_image(open_image(data, cfg.max_image_pixels), cfg.resolution, cfg.clip_image_size,
+    image = open_image(data, cfg.max_image_pixels)
+    bucket = target_size(image.size, cfg)
+    prepared = prepare_image(image, bucket, cfg.clip_image_size,
                              random_crop=cfg.random_crop, random_flip=cfg.random_flip, rng=rng)
     drop_image, drop_text = draw_drops(rng, cfg)
     return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
-            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels,
+            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels, "bucket": bucket,
             "original_size": _original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_list(spec: Any, resolution: int) -> tuple[tuple[int, int], ...] | None:
+    sizes = parse_buckets(spec, resolution)
+    return None if sizes is None else tuple(sizes)
+
+
+def target_size(image_size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
+    """(width, height) an image of this (width, height) trains at: its bucket, or the square resolution."""
+    spec = cfg.buckets if isinstance(cfg.buckets, str) else tuple(tuple(b) for b in cfg.buckets)
+    buckets = _bucket_list(spec, cfg.resolution)
+    return (cfg.resolution, cfg.resolution) if buckets is None else nearest_bucket(*image_size, buckets)
 
 
 def _original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
@@ -69,7 +87,6 @@ def collate(examples: list[dict], cfg: DataConfig) -> dict:
     Pixels stay uint8 (B, H, W, 3): workers hand batches over in shared memory, 4× smaller than
     float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
     """
-    size = cfg.resolution
     return {
         "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
         "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
@@ -77,7 +94,7 @@ def collate(examples: list[dict], cfg: DataConfig) -> dict:
         "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
         "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_coords_top_left": torch.tensor([e["crop"] for e in examples], dtype=torch.long),
-        "target_size": torch.tensor([[size, size]] * len(examples), dtype=torch.long),
+        "target_size": torch.tensor([[e["bucket"][1], e["bucket"][0]] for e in examples], dtype=torch.long),
         "keys": [e["key"] for e in examples],
     }
 
