@@ -73,6 +73,15 @@ def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: in
     return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left))
 
 
+def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) SDXL conditions on: the source size from the metadata, else the decoded size."""
+    # Shards made with --max-side were downscaled; SDXL should see the true source size.
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return decoded
+
+
 def clip_view(crop: Image.Image, clip_size: int) -> Image.Image:
     """The image encoder's input: the crop's centred square (all of a square crop), resized bicubic."""
     side = min(crop.size)

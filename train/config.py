@@ -96,6 +96,7 @@ class DataConfig:
     # Aspect-ratio buckets: none = square crops at `resolution`; sdxl = SDXL's 41 sizes scaled to
     # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
     buckets: Any = "none"
+    cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
 
     def __post_init__(self) -> None:
         drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob

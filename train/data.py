@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
-from data_tools.transforms import prepare_image
+from data_tools.transforms import original_size, prepare_image
 from train.data_stream import StreamPlan
 from train.config import DataConfig, section
 
@@ -57,7 +57,7 @@ def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     drop_image, drop_text = draw_drops(rng, cfg)
     return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
             "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels, "bucket": bucket,
-            "original_size": _original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+            "original_size": original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,14 +71,6 @@ def target_size(image_size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]
     spec = cfg.buckets if isinstance(cfg.buckets, str) else tuple(tuple(b) for b in cfg.buckets)
     buckets = _bucket_list(spec, cfg.resolution)
     return (cfg.resolution, cfg.resolution) if buckets is None else nearest_bucket(*image_size, buckets)
-
-
-def _original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
-    # Shards made with --max-side were downscaled; SDXL should see the true source size.
-    height, width = meta.get("original_height"), meta.get("original_width")
-    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
-        return height, width
-    return decoded
 
 
 def collate(examples: list[dict], cfg: DataConfig) -> dict:
@@ -174,14 +166,15 @@ class ShardStreamDataset(IterableDataset):
             quiet = False
             batch = queues.add((epoch, offset), example)
             if batch is not None:
-                out = collate(batch, self.cfg)
+                out = _codec(self.cfg)[1](batch, self.cfg)
                 out["_stream"] = {"stream": stream, "epoch": epoch, "offset": offset + 1,
                                   "pending": queues.pending(), "skipped": dict(skips.counts)}
                 yield out
 
     def _decode(self, plan: StreamPlan, raw: RawSample, epoch: int, offset: int) -> dict:
         # Seeded by the position alone, so a resumed stream decodes a sample exactly as before.
-        return decode_sample(raw, self.cfg, np.random.default_rng([self.seed, epoch, plan.stream, offset]))
+        decode = _codec(self.cfg)[0]
+        return decode(raw, self.cfg, np.random.default_rng([self.seed, epoch, plan.stream, offset]))
 
     def _restore_pending(self, plan: StreamPlan, pending: list, queues: BatchQueues) -> None:
         """Decode again the examples that were queued (not yet batched) at the checkpoint."""
@@ -198,6 +191,15 @@ class ShardStreamDataset(IterableDataset):
                 yield epoch, position, raw
             yield epoch, length[0], None
             offset, epoch = max(0, offset - length[0]), epoch + 1
+
+
+def _codec(cfg: DataConfig) -> tuple:
+    """(decode, collate) for the shards' kind: images, or an embedding cache."""
+    if cfg.cached:
+        from train.cached_data import collate_cached, decode_cached
+
+        return decode_cached, collate_cached
+    return decode_sample, collate
 
 
 def _identity(batch: dict) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.content import encode_image
 from instantstyle.diffusion import prediction_target
-from instantstyle.encode import clip_input, vae_input
+from instantstyle.encode import clip_input, latent_distribution, sample_latents
 from instantstyle.models import BaseModel, encode_prompts
 from train.config import CLIP_MEAN, CLIP_STD
 
@@ -68,13 +68,14 @@ class DiffusionTask:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> Conditioning:
-        """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad."""
-        vae = self.base.vae
-        pixels = vae_input(batch["pixel_values"].to(self.device)).to(vae.dtype)  # uint8 → [-1, 1] on the device
-        latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
-        prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
-        features = encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
+        """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad.
+
+        A batch from an embedding cache (``data=cached``) carries the encoders' outputs; any other
+        carries uint8 pixels and captions, encoded here. Both then share every step below.
+        """
+        mean, std, prompt_embeds, pooled, features = (self._cached(batch) if "latent_mean" in batch
+                                                       else self._live(batch))
+        latents = sample_latents(mean, std, self.generator, self.base.vae.config.scaling_factor)
         keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None
@@ -82,6 +83,22 @@ class DiffusionTask:
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
         return Conditioning(latents.float(), prompt_embeds, features, added)
+
+    def _live(self, batch: dict) -> tuple:
+        """Run the frozen encoders on uint8 pixels (normalised here, on the device) and captions."""
+        mean, std = latent_distribution(self.base.vae, batch["pixel_values"].to(self.device))
+        prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
+        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
+        return mean, std, prompt_embeds, pooled, encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
+
+    def _cached(self, batch: dict) -> tuple:
+        """The precomputed outputs, in the dtypes the (unloaded) encoders would have produced."""
+        b, dev = self.base, self.device
+        pooled = batch.get("pooled_prompt_embeds")
+        return (batch["latent_mean"].to(dev, b.vae.dtype), batch["latent_std"].to(dev, b.vae.dtype),
+                batch["prompt_embeds"].to(dev, b.text_encoder.dtype),
+                None if pooled is None else pooled.to(dev, b.text_encoder.dtype),
+                batch["image_features"].to(dev, b.image_encoder.dtype))
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, timesteps, noisy latents), drawn from this rank's generator."""
