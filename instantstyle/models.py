@@ -108,22 +108,42 @@ def resolve_image_encoder(path: str, image_encoder: str | None) -> tuple[str, st
                          "(e.g. h94/IP-Adapter:sdxl_models/image_encoder)")
 
 
+def _config_only(cls, path: str, subfolder: str | None, dtype: torch.dtype):
+    """The module built on the ``meta`` device from its config: shapes and config, no weights, no memory."""
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "load_config"):  # diffusers
+                module = cls.from_config(cls.load_config(path, **kwargs))
+            else:
+                module = cls(cls.config_class.from_pretrained(path, **kwargs))
+        return module if dtype == torch.float32 else module.to(dtype)
+    except (OSError, ValueError) as err:
+        where = f"{path}/{subfolder}" if subfolder else path
+        raise BaseModelError(f"cannot read the {cls.__name__} config in {where}: {str(err).splitlines()[0]}") from err
+
+
 def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", check_content: bool = True) -> BaseModel:
-    """Load every frozen component in eval mode with ``requires_grad=False``."""
+              device: str | torch.device = "cpu", check_content: bool = True, encoders: bool = True) -> BaseModel:
+    """Load every frozen component in eval mode with ``requires_grad=False``.
+
+    ``encoders=False`` (training from an embedding cache) loads the weights of the UNet and the
+    scheduler only; the VAE, text and image encoders are config-only ``meta`` modules.
+    """
     if looks_local(path) and not Path(path).is_dir():
         raise BaseModelError(f"{path}: no such folder")  # not a hub id: don't ask the hub
     unet = _load(UNet2DConditionModel, path, "unet", dtype)
     family = model_family(unet)
     enc_path, enc_sub = resolve_image_encoder(path, image_encoder)
-    text_encoder_2 = _load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype) if family == "sdxl" else None
+    load = _load if encoders else _config_only
+    text_encoder_2 = load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype) if family == "sdxl" else None
     base = BaseModel(
-        unet=unet, vae=_load(AutoencoderKL, path, "vae", dtype),
-        text_encoder=_load(CLIPTextModel, path, "text_encoder", dtype),
+        unet=unet, vae=load(AutoencoderKL, path, "vae", dtype),
+        text_encoder=load(CLIPTextModel, path, "text_encoder", dtype),
         tokenizer=_load(CLIPTokenizer, path, "tokenizer", None),
         text_encoder_2=text_encoder_2,
         tokenizer_2=_load(CLIPTokenizer, path, "tokenizer_2", None) if family == "sdxl" else None,
-        image_encoder=_load(CLIPVisionModelWithProjection, enc_path, enc_sub, dtype),
+        image_encoder=load(CLIPVisionModelWithProjection, enc_path, enc_sub, dtype),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         family=family, path=str(path),
         image_encoder_path=f"{enc_path}:{enc_sub}" if enc_sub else enc_path,
@@ -131,7 +151,9 @@ def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype
     if check_content:
         check_content_space(base.image_encoder.config.projection_dim, base.content_dim)
     for module in base.frozen_modules():
-        module.requires_grad_(False).eval().to(device)
+        module.requires_grad_(False).eval()
+        if module.device.type != "meta":
+            module.to(device)
     return base
 
 

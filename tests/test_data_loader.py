@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from data_tools.shards import Manifest, Sample, ShardRecord, shard_name, tar_bytes, write_manifest, write_shard
+from instantstyle.encode import clip_input, vae_input
 from train.config import CLIP_MEAN, CLIP_STD, DataConfig, section
 from train.data import build_train_loader, decode_sample
 from data_tools.shards import expand_shards
@@ -199,6 +200,10 @@ def test_batch_format_values(tmp_path):
     make_dataset(tmp_path, 1, 4)
     cfg = data_cfg(tmp_path, drop_image_prob=0.0, drop_text_prob=0.0, drop_both_prob=0.0, shuffle_buffer=0)
     batch = take(build_train_loader(cfg, batch_size=4, seed=0, rank=0, world_size=1), 1)[0]
+    assert batch["pixel_values"].dtype == batch["clip_pixel_values"].dtype == torch.uint8
+    # What the task encodes: the same normalisation DiffusionTask.encode applies on the device.
+    batch = {**batch, "pixel_values": vae_input(batch["pixel_values"]),
+             "clip_pixel_values": clip_input(batch["clip_pixel_values"], CLIP_MEAN, CLIP_STD)}
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["clip_pixel_values"].shape == (4, 3, 16, 16)
     assert batch["original_size"].tolist() == [[32, 40]] * 4  # (height, width) of the 40×32 PNGs

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.transforms import crop_top_left, prepare_image, resized_size
+from data_tools.transforms import crop_top_left, prepare_image, resized_size
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -68,8 +68,8 @@ def fixed_batch(batch_size: int = 2) -> dict:
     """A deterministic batch in the loader's format."""
     g = torch.Generator().manual_seed(1)
     return {
-        "pixel_values": torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1,
-        "clip_pixel_values": torch.randn(batch_size, 3, 224, 224, generator=g),
+        "pixel_values": torch.randint(0, 256, (batch_size, 64, 64, 3), generator=g, dtype=torch.uint8),
+        "clip_pixel_values": torch.randint(0, 256, (batch_size, 224, 224, 3), generator=g, dtype=torch.uint8),
         "captions": ["a red circle", ""][:batch_size],
         "drop_image": torch.tensor([False, True][:batch_size]),
         "original_size": torch.tensor([[480, 640], [64, 64]][:batch_size]),
@@ -161,6 +161,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(task):
 
 def test_content_decoupled_training_feeds_the_subtracted_embedding(task):
     from instantstyle.content import encode_image
+    from instantstyle.encode import clip_input
 
     task, _ = task
     batch = {**fixed_batch(), "drop_image": torch.tensor([False, False])}  # "a red circle", and a dropped caption
@@ -168,7 +169,8 @@ def test_content_decoupled_training_feeds_the_subtracted_embedding(task):
     with torch.no_grad():
         ids = task.base.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         caption = task.base.text_encoder_2(ids).text_embeds[0]
-        image = encode_image(task.base.image_encoder, batch["clip_pixel_values"], "ip_adapter")
+        clip = clip_input(batch["clip_pixel_values"], task.clip_mean, task.clip_std)
+        image = encode_image(task.base.image_encoder, clip, "ip_adapter")
     torch.testing.assert_close(plain, image)  # λ = 0: the reference's embedding as it is
     task.content_scale = 0.5
     decoupled = task.encode(batch).image_features

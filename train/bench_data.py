@@ -2,8 +2,10 @@
 
     python -m train.bench_data [--num 1000 --side 1500 --workers 2 --resolution 1024]
 
-Both produce SDXL pixels at `--resolution` plus a 224 px CLIP input; neither
-tokenises (the training task does that). Images are photo-like JPEGs
+All produce SDXL pixels at `--resolution` plus a 224 px CLIP input; none
+tokenises (the training task does that). The photos mix aspect ratios (1:1 to 16:9,
+landscape and portrait): our loader runs once with square crops and once with SDXL's
+aspect-ratio buckets scaled to `--resolution` (`data.buckets=sdxl`, one bucket per batch). Images are photo-like JPEGs
 (gradients, shapes, grain) so file sizes and decode costs are realistic;
 they are cached in `--cache` and reused.
 """
@@ -11,7 +13,6 @@ they are cached in `--cache` and reused.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -140,10 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     mb = sum(p.stat().st_size for p in images) / len(images) / 1e6
     tutorial = DataLoader(TutorialDataset(root / "data.json", root / "images", args.resolution), batch_size=args.batch_size,
                           shuffle=True, num_workers=args.workers, collate_fn=tutorial_collate)
-    ours = build_train_loader({"shards": shards, "resolution": args.resolution, "num_workers": args.workers,
-                               "shuffle_buffer": 100}, batch_size=args.batch_size, seed=0, rank=0, world_size=1)
+    settings = {"shards": shards, "resolution": args.resolution, "num_workers": args.workers, "shuffle_buffer": 100}
+    ours = build_train_loader(settings, batch_size=args.batch_size, seed=0, rank=0, world_size=1)
+    bucketed = build_train_loader({**settings, "buckets": "sdxl"}, batch_size=args.batch_size, seed=0, rank=0,
+                                  world_size=1)
     results = {"IP-Adapter tutorial (JSON + PIL + CLIPImageProcessor)": throughput(tutorial, num_batches, args.batch_size, "tutorial"),
-               "ours (WebDataset shards, train/data.py)": throughput(ours, num_batches, args.batch_size, "ours")}
+               "ours (WebDataset shards, train/data.py)": throughput(ours, num_batches, args.batch_size, "ours"),
+               "ours + SDXL aspect buckets (data.buckets=sdxl)": throughput(bucketed, num_batches, args.batch_size,
+                                                                            "ours+buckets")}
     print(f"\n{args.num} JPEGs, longer side {args.side} px (mean {mb:.2f} MB), {args.workers} workers, "
           f"batch {args.batch_size}, {args.resolution} px + 224 px CLIP, {os.cpu_count()} CPU cores\n")
     print("| pipeline | samples/s (steady) | samples/s (incl. start-up) | speed-up |")

@@ -237,6 +237,14 @@ def check_config(cfg: DictConfig) -> Settings:
     encoders = load_validation_encoders(validation)
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
+    if data.cached:  # datascale: the embedding cache must fit the model, adapter and data config
+        from train.cached_data import check_cache
+
+        check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
+                    adapter_type=adapter_type)
+        if validation.enabled:
+            raise ConfigError("validation.every generates images, which needs the encoders that data=cached does "
+                              "not load; set validation.every=0 (trainer.validate_every still works)")
     check_resume(cfg.resume, str(cfg.output_dir))
     family, blocks = check_model(cfg.model, cfg.blocks, data.clip_image_size)
     init_from = cfg.adapter.get("init_from")

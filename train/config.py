@@ -95,6 +95,10 @@ class DataConfig:
     max_image_pixels: int = 178956970  # decompression-bomb guard (2× PIL's default); bigger images are skipped
     clip_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))
     clip_std: List[float] = field(default_factory=lambda: list(CLIP_STD))
+    # Aspect-ratio buckets: none = square crops at `resolution`; sdxl = SDXL's 41 sizes scaled to
+    # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
+    buckets: Any = "none"
+    cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
 
     def __post_init__(self) -> None:
         drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
@@ -107,8 +111,21 @@ class DataConfig:
             (self.prefetch_factor >= 1, "data.prefetch_factor must be ≥ 1"),
             (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
             (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
+            (_buckets_ok(self.buckets), f"data.buckets={self.buckets!r} — valid: none, sdxl, or a list of "
+                                        "[width, height] pairs, positive multiples of 8, e.g. [[1024, 1024], [1152, 896]]"),
         ])
         self.clip_mean, self.clip_std = tuple(self.clip_mean), tuple(self.clip_std)
+
+
+def _buckets_ok(spec: Any) -> bool:
+    """The data.buckets forms ``data_tools.buckets.parse_buckets`` accepts (checked here without importing it)."""
+    if isinstance(spec, str):
+        return spec.lower() in ("none", "sdxl")
+    try:
+        pairs = [[int(v) for v in pair] for pair in spec]
+    except (TypeError, ValueError):
+        return False
+    return bool(pairs) and all(len(p) == 2 and min(p) > 0 and p[0] % 8 == 0 and p[1] % 8 == 0 for p in pairs)
 
 
 @dataclass

@@ -4,11 +4,13 @@ The training loop calls only `build_train_loader(cfg.data, ...)`; the loader is 
 iterator over batches with `state_dict()`/`load_state_dict()`. One sample travels top to
 bottom: `train.data_stream` says which raw samples this stream reads, in which order
 (opening shards and reading members with `data_tools.shards`) → `decode_sample` decodes the
-members (`data_tools.shards`) and transforms the pixels (`train.transforms`) → `collate`.
+members (`data_tools.shards`) and transforms the pixels (`data_tools.transforms`, into an aspect-ratio
+bucket of `data_tools.buckets` when `data.buckets` is set) → `collate`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,11 +21,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
+from data_tools.transforms import original_size, prepare_image
 from train.data_stream import StreamPlan
 from train.config import DataConfig, section
-from train.transforms import prepare_image, to_clip_input, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +50,43 @@ def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     data = image_member(raw.members)
     caption = decode_caption(raw.members)
     meta = decode_meta(raw.members)
-    prepared = prepare_image(open_image(data, cfg.max_image_pixels), cfg.resolution, cfg.clip_image_size,
+    image = open_image(data, cfg.max_image_pixels)
+    bucket = target_size(image.size, cfg)
+    prepared = prepare_image(image, bucket, cfg.clip_image_size,
                              random_crop=cfg.random_crop, random_flip=cfg.random_flip, rng=rng)
     drop_image, drop_text = draw_drops(rng, cfg)
     return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
-            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels,
-            "original_size": _original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels, "bucket": bucket,
+            "original_size": original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
 
 
-def _original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
-    # Shards made with --max-side were downscaled; SDXL should see the true source size.
-    height, width = meta.get("original_height"), meta.get("original_width")
-    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
-        return height, width
-    return decoded
+@functools.lru_cache(maxsize=8)
+def _bucket_list(spec: Any, resolution: int) -> tuple[tuple[int, int], ...] | None:
+    sizes = parse_buckets(spec, resolution)
+    return None if sizes is None else tuple(sizes)
+
+
+def target_size(image_size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
+    """(width, height) an image of this (width, height) trains at: its bucket, or the square resolution."""
+    spec = cfg.buckets if isinstance(cfg.buckets, str) else tuple(tuple(b) for b in cfg.buckets)
+    buckets = _bucket_list(spec, cfg.resolution)
+    return (cfg.resolution, cfg.resolution) if buckets is None else nearest_bucket(*image_size, buckets)
 
 
 def collate(examples: list[dict], cfg: DataConfig) -> dict:
-    """Stack examples into the batch format the training task consumes."""
-    size = cfg.resolution
+    """Stack examples into the batch format the training task consumes.
+
+    Pixels stay uint8 (B, H, W, 3): workers hand batches over in shared memory, 4× smaller than
+    float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
+    """
     return {
-        "pixel_values": to_unit_range(torch.from_numpy(np.stack([e["pixels"] for e in examples]))),
-        "clip_pixel_values": to_clip_input(torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
-                                           cfg.clip_mean, cfg.clip_std),
+        "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
+        "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
         "captions": [e["caption"] for e in examples],
         "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
         "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_coords_top_left": torch.tensor([e["crop"] for e in examples], dtype=torch.long),
-        "target_size": torch.tensor([[size, size]] * len(examples), dtype=torch.long),
+        "target_size": torch.tensor([[e["bucket"][1], e["bucket"][0]] for e in examples], dtype=torch.long),
         "keys": [e["key"] for e in examples],
     }
 
@@ -92,11 +104,37 @@ class SkipLog:
             log.warning("skipping sample %s in %s (%s; %d so far for this reason)", raw.key, raw.shard, error, n)
 
 
+class BatchQueues:
+    """Decoded examples waiting for a batch, one queue per bucket; a batch leaves when its queue is full."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.queues: dict[Any, list[tuple[tuple[int, int], dict]]] = {}
+
+    def add(self, position: tuple[int, int], example: dict) -> list[dict] | None:
+        """Queue an example; returns a full batch (and empties its queue) when this one completes it."""
+        queue = self.queues.setdefault(example.get("bucket"), [])
+        queue.append((position, example))
+        if len(queue) < self.batch_size:
+            return None
+        del self.queues[example.get("bucket")]
+        return [e for _, e in queue]
+
+    def pending(self) -> list[list[int]]:
+        """(epoch, offset) of every waiting example: with the read position, the stream's exact state."""
+        return sorted([list(p) for queue in self.queues.values() for p, _ in queue])
+
+
 class ShardStreamDataset(IterableDataset):
-    """Yields collated batches from one stream per DataLoader worker, forever."""
+    """Yields collated batches from one stream per DataLoader worker, forever.
+
+    A stream that decodes nothing in a whole epoch (all its shards bad, or no samples for it at all)
+    yields a marker instead of a batch, so the DataLoader never waits on it for ever and the loader
+    can tell a dead stream (the others go on) from dead data (every stream reports, and it fails).
+    """
 
     def __init__(self, cfg: DataConfig, plan_args: dict, batch_size: int, seed: int, rank: int,
-                 start: dict[int, tuple[int, int]], first_stream: int) -> None:
+                 start: dict[int, dict], first_stream: int) -> None:
         self.cfg, self.plan_args, self.batch_size = cfg, plan_args, batch_size
         self.seed, self.rank, self.start, self.first_stream = seed, rank, start, first_stream
 
@@ -109,38 +147,59 @@ class ShardStreamDataset(IterableDataset):
             torch.set_num_threads(1)  # workers run in parallel already; BLAS threads would oversubscribe
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_image_pixels)
         plan = StreamPlan(stream=self.rank * workers + stream, seed=self.seed, **self.plan_args)
-        start_epoch, start_offset = self.start.get(stream, (0, 0))
-        skips, batch, last_good_epoch = SkipLog(), [], start_epoch
-        for epoch, offset, raw in self._positions(plan, start_epoch, start_offset):
-            rng = np.random.default_rng([self.seed, epoch, plan.stream, offset])
+        start = self.start.get(stream, {"epoch": 0, "offset": 0, "pending": []})
+        skips, queues = SkipLog(), BatchQueues(self.batch_size)
+        self._restore_pending(plan, start["pending"], queues)
+        quiet = start["offset"] == 0  # resumed mid-epoch = it had emitted in this epoch
+        for epoch, offset, raw in self._positions(plan, start["epoch"], start["offset"]):
+            if raw is None:  # end of an epoch
+                if quiet:
+                    yield {"_stream": {"stream": stream, "epoch": epoch + 1, "offset": 0, "pending": queues.pending(),
+                                       "skipped": dict(skips.counts), "empty_epoch": offset == 0}}
+                quiet = True
+                continue
             try:
-                batch.append(decode_sample(raw, self.cfg, rng))
-                last_good_epoch = epoch
+                example = self._decode(plan, raw, epoch, offset)
             except BadSample as error:
                 skips.add(error, raw)
-                if epoch - last_good_epoch >= 2:  # all-bad data would otherwise hang training silently
-                    raise RuntimeError(f"no decodable sample in 2 epochs of stream {plan.stream} "
-                                       f"({dict(skips.counts)}): check the shards with python -m data_tools.inspect")
                 continue
-            if len(batch) == self.batch_size:
-                out = collate(batch, self.cfg)
-                out["_stream"] = {"stream": stream, "epoch": epoch, "offset": offset + 1, "skipped": dict(skips.counts)}
+            quiet = False
+            batch = queues.add((epoch, offset), example)
+            if batch is not None:
+                out = _codec(self.cfg)[1](batch, self.cfg)
+                out["_stream"] = {"stream": stream, "epoch": epoch, "offset": offset + 1,
+                                  "pending": queues.pending(), "skipped": dict(skips.counts)}
                 yield out
-                batch = []
 
-    def _positions(self, plan: StreamPlan, epoch: int, offset: int) -> Iterator[tuple[int, int, RawSample]]:
-        """(epoch, offset, raw sample) from a start position, across epochs, forever."""
-        empty_epochs = 0
+    def _decode(self, plan: StreamPlan, raw: RawSample, epoch: int, offset: int) -> dict:
+        # Seeded by the position alone, so a resumed stream decodes a sample exactly as before.
+        decode = _codec(self.cfg)[0]
+        return decode(raw, self.cfg, np.random.default_rng([self.seed, epoch, plan.stream, offset]))
+
+    def _restore_pending(self, plan: StreamPlan, pending: list, queues: BatchQueues) -> None:
+        """Decode again the examples that were queued (not yet batched) at the checkpoint."""
+        positions = [(int(e), int(o)) for e, o in pending]
+        raws = plan.samples_at(positions)
+        for epoch, offset in sorted(positions):
+            queues.add((epoch, offset), self._decode(plan, raws[(epoch, offset)], epoch, offset))
+
+    def _positions(self, plan: StreamPlan, epoch: int, offset: int) -> Iterator[tuple[int, int, RawSample | None]]:
+        """(epoch, offset, raw sample) from a start position, across epochs, forever; (epoch, length, None) ends one."""
         while True:
-            length, produced = [0], 0
+            length = [0]
             for position, raw in plan.blocks(epoch, offset, length):
-                produced += 1
                 yield epoch, position, raw
-            empty_epochs = 0 if produced or length[0] else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise RuntimeError(f"rank {self.rank} stream {plan.stream} got no samples: "
-                                   "use more shards/samples than ranks × data.num_workers")
+            yield epoch, length[0], None
             offset, epoch = max(0, offset - length[0]), epoch + 1
+
+
+def _codec(cfg: DataConfig) -> tuple:
+    """(decode, collate) for the shards' kind: images, or an embedding cache."""
+    if cfg.cached:
+        from train.cached_data import collate_cached, decode_cached
+
+        return decode_cached, collate_cached
+    return decode_sample, collate
 
 
 def _identity(batch: dict) -> dict:
@@ -158,28 +217,44 @@ class TrainLoader:
         self.workers = max(1, cfg.num_workers)
         self.plan_args = {"urls": tuple(urls), "counts": tuple(counts), "num_streams": world_size * self.workers,
                           "shuffle_buffer": cfg.shuffle_buffer}
-        self.samples_seen, self.epoch = 0, 0
-        self.streams: dict[int, tuple[int, int]] = {}
+        self.samples_seen, self.epoch, self.next_stream = 0, 0, 0
+        self.streams: dict[int, dict] = {}
         self._skipped_base: Counter = Counter()
         self._skipped_live: dict[int, Counter] = {}
 
     def __iter__(self) -> Iterator[dict]:
         self._fold_skips()
         dataset = ShardStreamDataset(self.cfg, self.plan_args, self.batch_size, self.seed, self.rank,
-                                     dict(self.streams), (self.samples_seen // self.batch_size) % self.workers)
+                                     dict(self.streams), self.next_stream)
         workers = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
                             prefetch_factor=self.cfg.prefetch_factor if workers else None,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for batch in loader:
-            self._advance(batch.pop("_stream"), len(batch["keys"]))
-            yield batch
+        markers: list[dict] = []  # end-of-epoch reports since the last batch
+        for item in loader:
+            info = item.pop("_stream")
+            self._advance(info, len(item.get("keys", ())))
+            if "keys" in item:
+                markers = []
+                yield item
+                continue
+            markers.append(info)
+            if len(markers) >= 2 * self.workers:  # every stream of this rank: two epochs without a sample
+                raise RuntimeError(self._no_data_message(markers))
+
+    def _no_data_message(self, markers: list[dict]) -> str:
+        if all(m["empty_epoch"] for m in markers):
+            return (f"rank {self.rank} got no samples: use more shards/samples than ranks × data.num_workers "
+                    f"({self.world_size} × {self.workers})")
+        return (f"no decodable sample in 2 epochs of any of rank {self.rank}'s {self.workers} streams "
+                f"({self.skipped()}): check the shards with python -m data_tools.inspect")
 
     def _advance(self, info: dict, size: int) -> None:
-        self.streams[info["stream"]] = (info["epoch"], info["offset"])
+        self.streams[info["stream"]] = {k: info[k] for k in ("epoch", "offset", "pending")}
         self._skipped_live[info["stream"]] = Counter(info["skipped"])
         self.samples_seen += size
-        self.epoch = info["epoch"]
+        self.epoch = info["epoch"] if size else self.epoch
+        self.next_stream = (info["stream"] + 1) % self.workers  # the DataLoader serves workers round-robin
 
     def _fold_skips(self) -> None:
         for counts in self._skipped_live.values():
@@ -201,10 +276,10 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable resume state for this rank."""
-        return {"version": 1, "samples_seen": self.samples_seen, "epoch": self.epoch,
+        return {"version": 2, "samples_seen": self.samples_seen, "epoch": self.epoch,
                 "batch_size": self.batch_size, "num_workers": self.workers, "world_size": self.world_size,
-                "seed": self.seed, "skipped": self.skipped(),
-                "streams": {str(k): list(v) for k, v in sorted(self.streams.items())}}
+                "seed": self.seed, "skipped": self.skipped(), "next_stream": self.next_stream,
+                "streams": {str(k): v for k, v in sorted(self.streams.items())}}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Continue after the samples in `state`; exact per-stream positions when the layout matches."""
@@ -214,7 +289,9 @@ class TrainLoader:
         self.epoch = int(state.get("epoch", 0))
         if same and "streams" in state:
             self.samples_seen = int(state["samples_seen"])
-            self.streams = {int(k): (int(v[0]), int(v[1])) for k, v in state["streams"].items()}
+            self.streams = {int(k): _stream_state(v) for k, v in state["streams"].items()}
+            # Version 1 had no markers: batches alternated strictly between streams.
+            self.next_stream = int(state.get("next_stream", (self.samples_seen // self.batch_size) % self.workers))
         else:
             log.warning("data layout changed since the checkpoint; resuming from its sample count instead")
             self.skip_samples(int(state["samples_seen"]))
@@ -227,8 +304,17 @@ class TrainLoader:
                         samples_seen, self.batch_size, batches * self.batch_size)
         self.samples_seen = batches * self.batch_size
         # Batch b came from stream b % workers; a stream's offset may run past epoch 0 (carried over).
-        self.streams = {w: (0, ((batches - w + self.workers - 1) // self.workers) * self.batch_size)
-                        for w in range(self.workers) if batches > w}
+        self.streams = {w: {"epoch": 0, "offset": ((batches - w + self.workers - 1) // self.workers) * self.batch_size,
+                            "pending": []} for w in range(self.workers) if batches > w}
+        self.next_stream = batches % self.workers
+
+
+def _stream_state(value: Any) -> dict:
+    """A stream's saved position: {epoch, offset, pending}, or version 1's [epoch, offset]."""
+    if isinstance(value, Mapping):
+        return {"epoch": int(value["epoch"]), "offset": int(value["offset"]),
+                "pending": [[int(e), int(o)] for e, o in value.get("pending", [])]}
+    return {"epoch": int(value[0]), "offset": int(value[1]), "pending": []}
 
 
 def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, world_size: int,
@@ -241,9 +327,12 @@ def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, 
     urls = urls if urls is not None else expand_shards(cfg.shards)
     counts = shard_sample_counts(urls)
     streams = world_size * max(1, cfg.num_workers)
-    if len(urls) < streams:
-        log.warning("%d shard%s for %d rank×worker streams: every stream reads every shard; "
-                    "make at least %d shards for efficient loading", len(urls), "s" * (len(urls) != 1), streams, streams)
+    if any(c is None for c in counts):
+        # Without counts the epoch cannot be cut into equal ranges: the old per-shard split.
+        unknown = sum(c is None for c in counts)
+        log.warning("%d of %d shards have no sample counts (no manifest.json beside them): streams split by %s; "
+                    "write a manifest (python -m data_tools.make_shards does) for an even split",
+                    unknown, len(urls), "shard" if len(urls) >= streams else "sample, every stream reading every shard")
     loader = TrainLoader(cfg, urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if samples_seen:
         loader.skip_samples(samples_seen)

@@ -18,7 +18,9 @@ from torch import nn
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.content import decouple_content, encode_image
 from instantstyle.diffusion import prediction_target
+from instantstyle.encode import clip_input, latent_distribution, sample_latents
 from instantstyle.models import BaseModel, encode_prompts
+from train.config import CLIP_MEAN, CLIP_STD
 
 
 class AdaptedUNet(nn.Module):
@@ -56,10 +58,12 @@ class DiffusionTask:
 
     def __init__(self, base: BaseModel, model: nn.Module, *, adapter_type: str, generator: torch.Generator,
                  noise_offset: float = 0.0, snr_gamma: float | None = None, content_scale: float = 0.0,
-                 content_normalize: bool = False) -> None:
+                 content_normalize: bool = False, clip_mean: tuple[float, ...] = CLIP_MEAN,
+                 clip_std: tuple[float, ...] = CLIP_STD) -> None:
         self.base, self.model, self.adapter_type = base, model, adapter_type
         self.generator, self.noise_offset, self.snr_gamma = generator, noise_offset, snr_gamma
         self.content_scale, self.content_normalize = content_scale, content_normalize
+        self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.scheduler = base.noise_scheduler
         self.device = base.unet.device
 
@@ -67,16 +71,19 @@ class DiffusionTask:
         """The same task with another noise generator (and model): fixed-noise evaluation losses."""
         return DiffusionTask(self.base, model or self.model, adapter_type=self.adapter_type, generator=generator,
                              noise_offset=self.noise_offset, snr_gamma=self.snr_gamma,
-                             content_scale=self.content_scale, content_normalize=self.content_normalize)
+                             content_scale=self.content_scale, content_normalize=self.content_normalize,
+                             clip_mean=self.clip_mean, clip_std=self.clip_std)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> Conditioning:
-        """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad."""
-        vae = self.base.vae
-        pixels = batch["pixel_values"].to(self.device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
-        prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device), self.adapter_type)
+        """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad.
+
+        A batch from an embedding cache (``data=cached``) carries the encoders' outputs; any other
+        carries uint8 pixels and captions, encoded here. Both then share every step below.
+        """
+        mean, std, prompt_embeds, pooled, features = (self._cached(batch) if "latent_mean" in batch
+                                                       else self._live(batch))
+        latents = sample_latents(mean, std, self.generator, self.base.vae.config.scaling_factor)
         features = self.decouple(features, pooled, batch["captions"])
         keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
@@ -98,6 +105,22 @@ class DiffusionTask:
         has_text = torch.tensor([bool(c) for c in captions], device=features.device, dtype=features.dtype)
         return decouple_content(features, pooled.to(features.dtype) * has_text[:, None], self.content_scale,
                                 self.content_normalize)
+
+    def _live(self, batch: dict) -> tuple:
+        """Run the frozen encoders on uint8 pixels (normalised here, on the device) and captions."""
+        mean, std = latent_distribution(self.base.vae, batch["pixel_values"].to(self.device))
+        prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
+        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
+        return mean, std, prompt_embeds, pooled, encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
+
+    def _cached(self, batch: dict) -> tuple:
+        """The precomputed outputs, in the dtypes the (unloaded) encoders would have produced."""
+        b, dev = self.base, self.device
+        pooled = batch.get("pooled_prompt_embeds")
+        return (batch["latent_mean"].to(dev, b.vae.dtype), batch["latent_std"].to(dev, b.vae.dtype),
+                batch["prompt_embeds"].to(dev, b.text_encoder.dtype),
+                None if pooled is None else pooled.to(dev, b.text_encoder.dtype),
+                batch["image_features"].to(dev, b.image_encoder.dtype))
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, timesteps, noisy latents), drawn from this rank's generator."""

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data_tools import synthetic
-from data_tools.toy_data import ToyData, to_clip, to_unit
+from data_tools.toy_data import ToyData
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.augment import ReferenceAugment, augment_reference
 from instantstyle.models import BaseModel
@@ -30,12 +30,12 @@ def toy_batch(data: ToyData, idx: torch.Tensor, g: torch.Generator, text_drop: f
     dropped = (torch.rand(n, generator=g) < text_drop).tolist()
     captions = ["" if d else synthetic.content_caption(data.attributes[i]) for d, i in zip(dropped, idx.tolist())]
     size = torch.tensor([[64, 64]] * n)
-    references = data.images[idx]
+    pixels = data.images[idx].permute(0, 2, 3, 1).contiguous()  # uint8 (B,H,W,3); the encoder takes 64 px too
+    references = pixels
     if augment is not None:
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))
-        views = [augment_reference(img.permute(1, 2, 0).numpy(), augment, rng) for img in references]
-        references = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
-    return {"pixel_values": to_unit(data.images[idx]), "clip_pixel_values": to_clip(references),
+        references = torch.from_numpy(np.stack([augment_reference(img.numpy(), augment, rng) for img in pixels]))
+    return {"pixel_values": pixels, "clip_pixel_values": references,
             "captions": captions, "drop_image": torch.zeros(n, dtype=torch.bool), "original_size": size,
             "crop_coords_top_left": torch.zeros(n, 2, dtype=torch.long), "target_size": size}
 

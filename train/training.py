@@ -50,17 +50,17 @@ def check_distributed(distributed_type: str) -> None:
                           "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
 
 
-def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype) -> BaseModel:
+def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True) -> BaseModel:
     """Main process first, so a missing tiny base (or a download) is made once, not per rank."""
     with accelerator.main_process_first():
-        return instantiate(cfg.model, dtype=dtype, device=accelerator.device)
+        return instantiate(cfg.model, dtype=dtype, device=accelerator.device, encoders=encoders)
 
 
 def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path) -> Run:
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
-    base = load_base_once(cfg, accelerator, trainer.weight_dtype)
+    base = load_base_once(cfg, accelerator, trainer.weight_dtype, encoders=not settings.data.cached)  # datascale: cache = UNet only
     if trainer.mixed_precision == "fp16":
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
@@ -74,7 +74,8 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
     task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
                          noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma,
-                         content_scale=trainer.content_scale, content_normalize=trainer.content_normalize)
+                         content_scale=trainer.content_scale, content_normalize=trainer.content_normalize,
+                         clip_mean=settings.data.clip_mean, clip_std=settings.data.clip_std)
     loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
                                 world_size=world, urls=settings.shard_urls)
     # The configured base, not the path it resolved to: a run resumed from another folder is the same run.
