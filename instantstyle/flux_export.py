@@ -131,6 +131,16 @@ def load_flux_adapter(path: str | Path, transformer: FluxTransformer2DModel) -> 
     tensors, metadata = read_flux_file(path)
     check_flux_shapes(tensors, transformer, path)
     adapter = install_flux_adapter(transformer, flux_spec_from_file(tensors, metadata))
+    copy_flux_weights(adapter, tensors)
+    return adapter
+
+
+def copy_flux_weights(adapter: FluxStyleAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the projection and the adapter's own blocks' branches from XLabs-layout ``tensors``.
+
+    Blocks the adapter has no branch on are not read: fine-tuning from an all-block file
+    (XLabs' public adapter) keeps only the chosen blocks' branches.
+    """
     adapter.image_proj.load_state_dict({k.removeprefix(PROJ_PREFIX): v for k, v in tensors.items()
                                         if k.startswith(PROJ_PREFIX)})
     with torch.no_grad():
@@ -138,4 +148,3 @@ def load_flux_adapter(path: str | Path, transformer: FluxTransformer2DModel) -> 
             for part, linear in (("k", proc.to_k_ip), ("v", proc.to_v_ip)):
                 linear.weight.copy_(tensors[f"{branch_key(index, part)}.weight"])
                 linear.bias.copy_(tensors[f"{branch_key(index, part)}.bias"])
-    return adapter

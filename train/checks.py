@@ -52,6 +52,10 @@ def target_blocks(blocks: Any, family: str) -> list[str]:
     """Block prefixes for ``blocks`` (custom ``targets`` win over the preset; ``all`` = ALL_BLOCKS)."""
     from instantstyle.blocks import PRESET_NAMES, is_preset, resolve_blocks
 
+    if family == "flux":  # double_blocks.K names, no measured presets (train/flux_builders.py)
+        from train.flux_builders import flux_target_blocks
+
+        return flux_target_blocks(blocks)
     blocks = section(blocks, "blocks", BlocksConfig)
     if blocks.targets:
         return resolve_blocks(list(blocks.targets), family)
@@ -129,6 +133,16 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig) -> tuple[str | None, 
         raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
 
 
+def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig
+                       ) -> tuple[str | None, list[str] | None]:
+    """``check_model`` for UNet bases; FLUX bases have their own checks (train/flux_builders.py)."""
+    from train.flux_builders import check_flux_config, is_flux
+
+    if is_flux(cfg.model):
+        return check_flux_config(cfg, trainer, validation)
+    return check_model(cfg.model, cfg.blocks)
+
+
 def _check_image_encoder(model: ModelConfig, family: str) -> None:
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
@@ -203,7 +217,7 @@ def check_config(cfg: DictConfig) -> Settings:
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
     check_resume(cfg.resume, str(cfg.output_dir))
-    family, blocks = check_model(cfg.model, cfg.blocks)
+    family, blocks = check_family_model(cfg, trainer, validation)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")
