@@ -100,6 +100,15 @@ def read_flux_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def is_flux_adapter_file(path: str | Path) -> bool:
+    """True for a .safetensors file in the XLabs FLUX layout (reads the header only)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return any(k.startswith(PROJ_PREFIX) for k in f.keys())
+
+
 def flux_spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> FluxAdapterSpec:
     """The spec from metadata; public files (no metadata) count as trained on every double block."""
     weight = tensors.get(PROJ_PREFIX + "proj.weight")

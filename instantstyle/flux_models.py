@@ -58,7 +58,7 @@ def load_flux_base(path: str, *, image_encoder: str | None = None, dtype: torch.
     encoder = _load(CLIPVisionModelWithProjection, enc_path, enc_sub, dtype)
     try:
         # The image encoder is passed in: FLUX.1-dev's folder has none, and it may live elsewhere.
-        pipe = FluxPipeline.from_pretrained(path, image_encoder=encoder, feature_extractor=None, torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(path, image_encoder=encoder, feature_extractor=None, dtype=dtype)
     except (OSError, ValueError) as err:
         raise BaseModelError(f"cannot load a FluxPipeline from {path}: {str(err).splitlines()[0]}") from err
     base = FluxBase(pipe, str(path), f"{enc_path}:{enc_sub}" if enc_sub else enc_path)
