@@ -195,3 +195,23 @@ def test_gradient_checkpointing_trains_the_same_adapter(flux_dir, shards, tmp_pa
     for key, value in plain.adapter.state_dict().items():
         torch.testing.assert_close(recomputed.adapter.state_dict()[key], value, atol=1e-6, rtol=0)
     assert plain.adapter.layers[0].to_v_ip.weight.abs().sum() > 0  # it trained
+
+
+def test_init_from_an_all_block_file_takes_its_projection_and_only_the_chosen_branch(flux_dir, tmp_path):
+    from test_flux import trained_adapter
+
+    from instantstyle.flux_export import export_flux_safetensors
+    from train.flux_builders import build_flux_adapter
+
+    source = load_flux_base(flux_dir)
+    path = export_flux_safetensors(trained_adapter(source.transformer, blocks=(0, 1, 2)), source.transformer,
+                                   tmp_path / "all.safetensors")
+    tensors, _ = read_flux_file(path)
+    adapter = build_flux_adapter(load_flux_base(flux_dir), blocks=["double_blocks.1"], num_tokens=4, init_from=str(path))
+    assert adapter.block_indices == [1]
+    assert torch.equal(adapter.image_proj.proj.weight, tensors["ip_adapter_proj_model.proj.weight"])
+    assert torch.equal(adapter.layers[0].to_k_ip.weight,
+                       tensors["double_blocks.1.processor.ip_adapter_double_stream_k_proj.weight"])
+    with pytest.raises(ConfigError, match=r"^adapter.init_from=.*: adapter file not found"):
+        build_flux_adapter(load_flux_base(flux_dir), blocks=["double_blocks.1"], num_tokens=4,
+                           init_from=str(tmp_path / "missing.safetensors"))
