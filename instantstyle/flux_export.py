@@ -89,6 +89,15 @@ def read_flux_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def is_flux_adapter_file(path: str | Path) -> bool:
+    """True for a .safetensors file in the XLabs FLUX layout (reads the header only)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return any(k.startswith(PROJ_PREFIX) for k in f.keys())
+
+
 def flux_spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> FluxAdapterSpec:
     """The spec from metadata; public files (no metadata) count as trained on every double block."""
     weight = tensors.get(PROJ_PREFIX + "proj.weight")
@@ -120,6 +129,16 @@ def load_flux_adapter(path: str | Path, transformer: FluxTransformer2DModel) -> 
     tensors, metadata = read_flux_file(path)
     check_flux_shapes(tensors, transformer, path)
     adapter = install_flux_adapter(transformer, flux_spec_from_file(tensors, metadata))
+    copy_flux_weights(adapter, tensors)
+    return adapter
+
+
+def copy_flux_weights(adapter: FluxStyleAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the projection and the adapter's own blocks' branches from XLabs-layout ``tensors``.
+
+    Blocks the adapter has no branch on are not read: fine-tuning from an all-block file
+    (XLabs' public adapter) keeps only the chosen blocks' branches.
+    """
     adapter.image_proj.load_state_dict({k.removeprefix(PROJ_PREFIX): v for k, v in tensors.items()
                                         if k.startswith(PROJ_PREFIX)})
     with torch.no_grad():
@@ -127,4 +146,3 @@ def load_flux_adapter(path: str | Path, transformer: FluxTransformer2DModel) -> 
             for part, linear in (("k", proc.to_k_ip), ("v", proc.to_v_ip)):
                 linear.weight.copy_(tensors[f"{branch_key(index, part)}.weight"])
                 linear.bias.copy_(tensors[f"{branch_key(index, part)}.bias"])
-    return adapter

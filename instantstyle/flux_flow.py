@@ -107,24 +107,39 @@ def latent_image_ids(height: int, width: int, device: str | torch.device = "cpu"
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
 
 
+def noisy_pair(latents: torch.Tensor, *, sampling: FluxTimestepSampling = FluxTimestepSampling(),
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, target, σ) for normalized latents: σ first, then the noise, both from ``generator``."""
+    b, _, h, w = latents.shape
+    sigmas = sample_sigmas(b, image_seq_len=(h // 2) * (w // 2), sampling=sampling, generator=generator,
+                           device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noisy, target = flow_matching_pair(latents, noise, sigmas)
+    return noisy, target, sigmas
+
+
+def transformer_inputs(transformer: FluxTransformer2DModel, noisy: torch.Tensor, sigmas: torch.Tensor,
+                       prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                       guidance_scale: float = 3.5) -> dict[str, torch.Tensor | None]:
+    """Keyword arguments of ``FluxTransformer2DModel.forward`` for (B, C, H, W) noisy latents, as FluxPipeline builds them."""
+    b, _, h, w = noisy.shape
+    device, dtype = noisy.device, transformer.dtype
+    return {
+        "hidden_states": pack_latents(noisy).to(dtype), "timestep": sigmas.to(dtype),
+        "guidance": guidance_input(transformer, b, guidance_scale, device),
+        "pooled_projections": pooled_prompt_embeds.to(dtype), "encoder_hidden_states": prompt_embeds.to(dtype),
+        "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        "img_ids": latent_image_ids(h, w, device, dtype),
+    }
+
+
 def flux_flow_loss(transformer: FluxTransformer2DModel, adapter: FluxStyleAdapter, latents: torch.Tensor,
                    prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, image_embeds: torch.Tensor, *,
                    sampling: FluxTimestepSampling = FluxTimestepSampling(), guidance_scale: float = 3.5,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Rectified-flow loss of ``transformer`` with the adapter's image tokens; ``latents`` are normalized."""
-    b, _, h, w = latents.shape
-    device = latents.device
-    sigmas = sample_sigmas(b, image_seq_len=(h // 2) * (w // 2), sampling=sampling, generator=generator,
-                           device=device)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    noisy, target = flow_matching_pair(latents, noise, sigmas)
-    dtype = transformer.dtype
-    prediction = transformer(
-        hidden_states=pack_latents(noisy).to(dtype), timestep=sigmas.to(dtype),
-        guidance=guidance_input(transformer, b, guidance_scale, device),
-        pooled_projections=pooled_prompt_embeds.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
-        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-        img_ids=latent_image_ids(h, w, device, dtype), joint_attention_kwargs=adapter.attention_kwargs(image_embeds),
-    ).sample
+    noisy, target, sigmas = noisy_pair(latents, sampling=sampling, generator=generator)
+    inputs = transformer_inputs(transformer, noisy, sigmas, prompt_embeds, pooled_prompt_embeds, guidance_scale)
+    prediction = transformer(**inputs, joint_attention_kwargs=adapter.attention_kwargs(image_embeds)).sample
     loss = F.mse_loss(prediction.float(), pack_latents(target).float())
     return loss, {"loss": loss.item(), "sigma_mean": sigmas.mean().item()}

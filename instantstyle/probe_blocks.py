@@ -8,6 +8,11 @@ SDXL ``up_blocks.0.attentions.1`` carries style and ``down_blocks.2.attentions.1
     python -m instantstyle.probe_blocks --base DIR --adapter FILE --styles STYLE_DIR \\
         --prompts FILE_OR_PROMPTS... --out REPORT_DIR [--seeds 0,1 --steps 30 --scale 1.0]
 
+FLUX.1 works the same way with a FLUX adapter file (XLabs layout, trained with ``blocks=all``): one
+double-stream block at a time (``double_blocks.K``). FLUX has no CLIP text tower in the image space,
+so the metrics need ``--clip`` (e.g. openai/clip-vit-large-patch14), and ``--image-encoder`` names the
+adapter's image encoder when the base folder has none.
+
 Writes ``probe.json`` (means, per-block deltas against no adapter, the layers actually
 enabled), ``probe.md`` (the table), ``probe.png`` (bar chart) and ``grid.png``.
 """
@@ -40,6 +45,7 @@ from .evaluate import (
     score_samples,
     write_report,
 )
+from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, user_errors
 
 # diffusers, transformers and the metrics load inside the functions that use them, so --help is instant.
@@ -47,11 +53,34 @@ if TYPE_CHECKING:
     from .metrics import ClipEmbedder
 
 NO_ADAPTER, ALL_PRESET = "none", "all"
+NO_FLUX_EMBEDDER = ("FLUX bases have no CLIP text tower in the image space: pass a CLIP evaluator "
+                    "(--clip, e.g. openai/clip-vit-large-patch14)")
+
+
+def is_flux(generator) -> bool:
+    """True for a FLUX generator (double-stream blocks instead of UNet attention blocks)."""
+    return generator.family == "flux"
+
+
+def probe_blocks(generator) -> list[str]:
+    """The blocks to probe one at a time: UNet attention blocks, or the FLUX adapter's double blocks."""
+    if is_flux(generator):
+        return generator.block_names()
+    return block_names(cross_attention_layers(generator.pipe.unet.attn_processors))
+
+
+def layer_block(layer: str) -> str:
+    """The block of an enabled layer: ``transformer_blocks.K.attn.processor`` is FLUX's ``double_blocks.K``."""
+    if layer.startswith("transformer_blocks."):
+        from .flux_blocks import flux_block_name
+
+        return flux_block_name(int(layer.split(".")[1]))
+    return block_of(layer)
 
 
 def probe_settings(generator: StyleGenerator, scale: float = 1.0, content_scale: float = 0.0) -> list[EvalSetting]:
     """No adapter (every scale 0), then each attention block alone, then all blocks together."""
-    blocks = block_names(cross_attention_layers(generator.pipe.unet.attn_processors))
+    blocks = probe_blocks(generator)
     settings = [EvalSetting(NO_ADAPTER, ALL_PRESET, 0.0, 0.0)]
     settings += [EvalSetting(block, (block,), scale, content_scale) for block in blocks]
     return settings + [EvalSetting(ALL_PRESET, ALL_PRESET, scale, content_scale)]
@@ -61,6 +90,8 @@ def active_layers(generator: StyleGenerator) -> list[str]:
     """Cross-attention layers whose image branch currently has a non-zero scale (read from the UNet)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
+    if is_flux(generator):
+        return generator.active_layers()
     if generator.adapter is not None:
         return [name for name, proc in zip(generator.adapter.layer_names, generator.adapter.layers) if proc.scale]
     return [name for name, proc in generator.pipe.unet.attn_processors.items()
@@ -75,6 +106,8 @@ def probe(generator: StyleGenerator, refs: Sequence[StyleReference], config: Eva
     from .metrics import ClipEmbedder
 
     settings = probe_settings(generator, scale, content_scale)
+    if embedder is None and is_flux(generator):
+        raise GenerationError(NO_FLUX_EMBEDDER)
     embedder = embedder or ClipEmbedder.from_pipeline(generator.pipe)
     generator.pipe.set_progress_bar_config(disable=True)
     samples: list[dict] = []
@@ -98,7 +131,7 @@ def add_deltas(report: dict, enabled: dict[str, list[str]]) -> None:
     for setting in report["settings"]:
         layers = enabled[setting["name"]]
         setting["enabled_layers"] = layers
-        setting["enabled_blocks"] = list(dict.fromkeys(block_of(layer) for layer in layers))
+        setting["enabled_blocks"] = list(dict.fromkeys(layer_block(layer) for layer in layers))
         setting["delta"] = {m: None if setting["mean"][m] is None or baseline[m] is None
                             else setting["mean"][m] - baseline[m] for m in METRICS}
 
@@ -172,7 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-captions", help="JSON {image name: caption}; default: sidecar .txt files")
     p.add_argument("--cell", type=int, default=128, help="grid cell size in pixels")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--clip", help="CLIP folder/id with both towers for the metrics (default: the base's own "
+                                  "pair; FLUX bases need one, e.g. openai/clip-vit-large-patch14)")
+    p.add_argument("--image-encoder", help="FLUX: the adapter's image encoder (REPO[:SUBFOLDER] or folder) when "
+                                           "the base folder has no image_encoder/")
     return p
+
+
+def load_generator(args: argparse.Namespace):
+    """A FLUX generator for a FLUX adapter file (XLabs layout), else the SDXL/SD 1.5 StyleGenerator."""
+    from .flux_export import is_flux_adapter_file
+
+    if is_flux_adapter_file(args.adapter):
+        from .flux_generate import FluxStyleGenerator
+
+        if not args.clip:  # before minutes of loading a 12B base
+            raise GenerationError(NO_FLUX_EMBEDDER)
+
+        return FluxStyleGenerator.from_pretrained(args.base, args.adapter, image_encoder=args.image_encoder,
+                                                  device=args.device)
+    return StyleGenerator.from_pretrained(args.base, args.adapter, device=args.device)
 
 
 def prompts_from(values: list[str]) -> list[str]:
@@ -189,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         config = EvalConfig(prompts_from(args.prompts), [int(s) for s in args.seeds.split(",")], args.steps,
                             args.guidance, cell=args.cell)
         refs = load_references(args.styles, args.content_captions)
-        generator = StyleGenerator.from_pretrained(args.base, args.adapter, device=args.device)
-        report, samples = probe(generator, refs, config, scale=args.scale, content_scale=args.content_scale)
+        from .metrics import ClipEmbedder
+
+        generator = load_generator(args)
+        embedder = ClipEmbedder.from_pretrained(args.clip, device=args.device) if args.clip else None
+        report, samples = probe(generator, refs, config, scale=args.scale, content_scale=args.content_scale,
+                                embedder=embedder)
     except (*user_errors(), ValueError) as err:
         return report_error(err)
     write_probe(report, samples, refs, config, args.out)

@@ -28,7 +28,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tmp_path):
-    assert options("model") == ["sd15", "sdxl", "tiny", "toy"] and options("blocks") == ["all", "layout", "style", "style_layout"]
+    assert options("model") == ["flux", "sd15", "sdxl", "tiny", "toy"] and options("blocks") == ["all", "layout", "style", "style_layout"]
     assert options("adapter") == ["ip_adapter", "ip_adapter_plus"] and options("logger") == ["none", "tensorboard", "wandb"]
     params = [torch.nn.Parameter(torch.zeros(2))]
     for optim in options("optim"):

@@ -61,6 +61,10 @@ def adapter_spec(base: BaseModel, *, type: str, num_tokens: int, resampler_dim: 
 def build_adapter(base: BaseModel, *, blocks: list[str] | None, type: str, num_tokens: int,
                   resampler_dim: int, init_from: str | None = None) -> InstantStyleAdapter:
     """Install a fresh adapter (or one initialised from a file) on the base UNet (the ``adapter`` group)."""
+    if base.family == "flux":  # FLUX: image branches on double-stream blocks (train/flux_builders.py)
+        from train.flux_builders import build_flux_adapter
+
+        return build_flux_adapter(base, blocks=blocks, num_tokens=num_tokens, init_from=init_from)
     spec = adapter_spec(base, type=type, num_tokens=num_tokens, resampler_dim=resampler_dim, blocks=blocks)
     if init_from:
         adapter = load_adapter(init_from, base.unet, blocks=blocks)

@@ -56,6 +56,10 @@ def target_blocks(blocks: Any, family: str) -> list[str]:
     """Block prefixes for ``blocks`` (custom ``targets`` win over the preset; ``all`` = ALL_BLOCKS)."""
     from instantstyle.blocks import PRESET_NAMES, is_preset, resolve_blocks
 
+    if family == "flux":  # double_blocks.K names, no measured presets (train/flux_builders.py)
+        from train.flux_builders import flux_target_blocks
+
+        return flux_target_blocks(blocks)
     blocks = section(blocks, "blocks", BlocksConfig)
     if blocks.targets:
         return resolve_blocks(list(blocks.targets), family)
@@ -160,6 +164,16 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig,
         raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
 
 
+def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig,
+                       data: DataConfig) -> tuple[str | None, list[str] | None]:
+    """``check_model`` for UNet bases; FLUX bases have their own checks (train/flux_builders.py)."""
+    from train.flux_builders import check_flux_config, is_flux
+
+    if is_flux(cfg.model):
+        return check_flux_config(cfg, trainer, validation)
+    return check_model(cfg.model, cfg.blocks, data.clip_image_size)
+
+
 def _check_image_encoder(model: ModelConfig, path: str, family: str, clip_image_size: int) -> None:
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
@@ -246,7 +260,7 @@ def check_config(cfg: DictConfig) -> Settings:
             raise ConfigError("validation.every generates images, which needs the encoders that data=cached does "
                               "not load; set validation.every=0 (trainer.validate_every still works)")
     check_resume(cfg.resume, str(cfg.output_dir))
-    family, blocks = check_model(cfg.model, cfg.blocks, data.clip_image_size)
+    family, blocks = check_family_model(cfg, trainer, validation, data)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")

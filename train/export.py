@@ -4,7 +4,8 @@
 
 Only the base UNet is loaded (from the checkpoint's ``model.path`` unless ``--base``): inert
 layers need its ``to_k`` weights. Broken checkpoint, bad ``--out``, wrong base or block set:
-one-line error, exit 2, and no file written.
+one-line error, exit 2, and no file written. FLUX checkpoints (identity ``family: flux``) export in
+the XLabs layout ``FluxPipeline.load_ip_adapter`` reads and need only the transformer's config.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         if weights is None:
             raise CheckpointError(f"{checkpoint.name}/ema.json has no shadow weights")
     base_path = base or identity["base_model"]
+    if identity.get("family") == "flux":  # XLabs layout on the transformer's shape (train/flux_builders.py)
+        from train.flux_builders import export_flux_checkpoint
+
+        return export_flux_checkpoint(identity, weights, out, dtype=dtype, base_path=base_path, step=state["step"],
+                                      name=checkpoint.name)
     try:
         unet = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", dtype=torch.float32)
     except (OSError, ValueError) as err:

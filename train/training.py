@@ -15,7 +15,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
-from instantstyle.export import export_safetensors
 from instantstyle.models import BaseModel
 from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
                               load_parts, verify_checkpoint)
@@ -23,11 +22,12 @@ from train.checks import Settings, check_config, target_blocks
 from train.config import ConfigError, TrainerConfig
 from train.data import build_train_loader
 from train.ema import EMA
+from train.families import adapted_model, adapter_identity, denoiser, export_adapter, task_for
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
 from train.run import Run
 from train.run_lock import RunLock
-from train.task import AdaptedUNet, DiffusionTask, rank_seed
+from train.task import rank_seed
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "ip-adapter.safetensors"
@@ -64,22 +64,19 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     if trainer.mixed_precision == "fp16":
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        denoiser(base).enable_gradient_checkpointing()
     blocks = settings.blocks if settings.blocks is not None else target_blocks(cfg.blocks, base.family)
     adapter = instantiate(cfg.adapter)(base, blocks=blocks)
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
-    model, optimizer = accelerator.prepare(AdaptedUNet(base.unet, adapter), optimizer)
+    model, optimizer = accelerator.prepare(adapted_model(base, adapter), optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
-    task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
-                         noise_offset=trainer.noise_offset, snr_gamma=trainer.snr_gamma,
-                         content_scale=trainer.content_scale, content_normalize=trainer.content_normalize,
-                         clip_mean=settings.data.clip_mean, clip_std=settings.data.clip_std)
+    task = task_for(base, model, adapter, generator, settings)
     loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
                                 world_size=world, urls=settings.shard_urls)
     # The configured base, not the path it resolved to: a run resumed from another folder is the same run.
-    identity = {**adapter.spec.to_metadata(), "base_model": str(cfg.model.path), "world_size": world}
+    identity = {**adapter_identity(base, adapter), "base_model": str(cfg.model.path), "world_size": world}
     return Run(accelerator, settings, base, adapter, model, task, optimizer, lr_scheduler, loader, generator,
                EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(cfg, resolve=True),
                identity)
@@ -156,7 +153,7 @@ def export_final(run: Run) -> Path:
     """``RUN/ip-adapter.safetensors`` (EMA weights when EMA is on)."""
     if run.ema is not None:
         run.ema.copy_to(run.adapter)
-    return export_safetensors(run.adapter, run.base.unet, run.run_dir / EXPORT_NAME, dtype="fp32", step=run.step)
+    return export_adapter(run.base, run.adapter, run.run_dir / EXPORT_NAME, dtype="fp32", step=run.step)
 
 
 def exported_step(path: Path) -> int | None:
