@@ -45,7 +45,7 @@ def test_help_is_the_projects_and_imports_no_ml_library(tmp_path):
     proc = run_train(["--help"], tmp_path)
     assert proc.stdout.strip().endswith("HEAVY: EXIT:0"), proc.stdout + proc.stderr
     assert "powered by Hydra" not in proc.stdout
-    assert "model: sd15, sdxl, tiny, toy" in proc.stdout and "README.md" in proc.stdout
+    assert "model: flux, sd15, sdxl, tiny, toy" in proc.stdout and "README.md" in proc.stdout
     assert run_train(["--cfg", "job", "model=toy"], tmp_path).stdout.strip().endswith("HEAVY: EXIT:0")
     assert not (tmp_path / "outputs").exists()
 
@@ -54,7 +54,7 @@ def test_help_is_the_projects_and_imports_no_ml_library(tmp_path):
     ("trainer.max_stepz=3", "error: unknown trainer key(s) ['max_stepz'] — did you mean trainer.max_steps?"),
     ("trainer.max_steps=abc", "error: trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("trainer.max_steps=0", "error: trainer.max_steps must be ≥ 1 (got 0)"),
-    ("model=tny", "error: model=tny — valid: sd15, sdxl, tiny, toy"),
+    ("model=tny", "error: model=tny — valid: flux, sd15, sdxl, tiny, toy"),
 ])
 def test_config_mistake_is_one_line_before_any_ml_import(tmp_path, override, message):
     proc = run_train(["data.shards=x.tar", override], tmp_path)

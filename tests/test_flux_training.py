@@ -16,14 +16,13 @@ from test_flux import transformer_inputs
 from instantstyle.flux import FluxStyleBlockProcessor
 from instantstyle.flux_export import read_flux_file
 from instantstyle.flux_models import encode_flux_prompts, load_flux_base
-from train.checkpoint import CheckpointError
 from train.config import ConfigError, compose
 from train.checks import validate_config
 from train.export import main as export_main
 from train.flux_task import FluxTask, clip_pixels, vae_pixels
 from train.loop import StopSignal
 from train.training import train
-from train.transforms import to_clip_input, to_unit_range
+from instantstyle.encode import clip_input, vae_input
 from tests.helpers import tiny_overrides
 
 RESUME_ARGS = ("trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.lr_scheduler=cosine",
@@ -180,10 +179,10 @@ def test_flux_task_encodes_dropped_images_as_zeros_and_dropped_text_as_the_empty
     empty, empty_pooled = encode_flux_prompts(base, [""])
     assert torch.equal(cond.prompt_embeds[1], empty[0]) and torch.equal(cond.pooled[1], empty_pooled[0])
     assert cond.latents.shape == (2, 16, 8, 8)
-    # uint8 batches (the loader's coming format) and float batches give the same encoder inputs.
-    assert torch.equal(vae_pixels(batch["pixel_values"]), to_unit_range(batch["pixel_values"]))
+    # uint8 batches are normalised exactly as the UNet task does it.
+    assert torch.equal(vae_pixels(batch["pixel_values"]), vae_input(batch["pixel_values"]))
     assert torch.equal(clip_pixels(batch["clip_pixel_values"], (0.5,) * 3, (0.25,) * 3),
-                       to_clip_input(batch["clip_pixel_values"], (0.5,) * 3, (0.25,) * 3))
+                       clip_input(batch["clip_pixel_values"], (0.5,) * 3, (0.25,) * 3))
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(flux_dir, shards, tmp_path):

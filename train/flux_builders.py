@@ -28,9 +28,12 @@ def is_flux(model_cfg: Any) -> bool:
 
 def build_flux_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = False,
                     build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu"):
+                    device: str | torch.device = "cpu", encoders: bool = True):
     """Load the frozen FLUX base (the ``model`` group's builder); the tiny FLUX base is made on first use."""
     from instantstyle.flux_models import load_flux_base
+
+    if not encoders:
+        raise ConfigError("data=cached holds SDXL encoder outputs; FLUX training encodes live (use data=webdataset)")
 
     del check_content_space  # FLUX has no shared text-image space; check_flux_config refuses true
     if build_if_missing and not Path(path, "transformer").is_dir():

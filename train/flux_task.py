@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instantstyle.encode import clip_input, vae_input
 from instantstyle.content import encode_image
 from instantstyle.flux import FluxStyleAdapter
 from instantstyle.flux_flow import FluxTimestepSampling, noisy_pair, normalize_latents, pack_latents, transformer_inputs
@@ -40,20 +41,13 @@ class AdaptedFluxTransformer(nn.Module):
 
 
 def vae_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """The loader's pixels as the VAE's float (B,3,H,W) input in [-1, 1]; uint8 (B,H,W,3) is converted here."""
-    # The loader is moving to uint8 batches (normalised on the device); float batches are already converted.
-    if pixels.dtype == torch.uint8:
-        return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return pixels
+    """The loader's uint8 (B,H,W,3) pixels as the VAE's float input in [-1, 1] (float batches pass through)."""
+    return vae_input(pixels) if pixels.dtype == torch.uint8 else pixels
 
 
 def clip_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The loader's CLIP view as the image encoder's normalised float input (uint8 is converted here)."""
-    if pixels.dtype != torch.uint8:
-        return pixels
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    return pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean_t).div_(std_t)
+    """The loader's uint8 CLIP view as the image encoder's normalised input (float batches pass through)."""
+    return clip_input(pixels, mean, std) if pixels.dtype == torch.uint8 else pixels
 
 
 @dataclass
