@@ -330,9 +330,10 @@ def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, 
     if any(c is None for c in counts):
         # Without counts the epoch cannot be cut into equal ranges: the old per-shard split.
         unknown = sum(c is None for c in counts)
-        log.warning("%d of %d shards have no sample counts (no manifest.json beside them): streams split by %s; "
+        log.warning("%d of %d shard%s no sample counts (no manifest.json beside them): streams split by %s; "
                     "write a manifest (python -m data_tools.make_shards does) for an even split",
-                    unknown, len(urls), "shard" if len(urls) >= streams else "sample, every stream reading every shard")
+                    unknown, len(urls), " has" if len(urls) == 1 else "s have",
+                    "shard" if len(urls) >= streams else "sample, every stream reading every shard")
     loader = TrainLoader(cfg, urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if samples_seen:
         loader.skip_samples(samples_seen)
