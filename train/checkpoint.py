@@ -4,11 +4,18 @@ A checkpoint is a folder ``checkpoint-{step:08d}`` written as ``tmp-…`` and re
 once every file is fsynced, so a kill mid-write leaves the previous checkpoints intact.
 ``trainer_state.json`` is written last; a folder without it is never resumed from.
 Frozen models are never saved: a checkpoint holds only what training changes.
+
+A preemption checkpoint is written in two stages, so that a usable one exists early in the
+30 s between SIGTERM and SIGKILL: first the adapter, schedule, RNG streams and data positions
+(renamed into place with ``pending`` naming what is still to come), then the larger optimizer
+and EMA states, each renamed into place, and ``trainer_state.json`` again without ``pending``.
+Resuming from a checkpoint whose ``pending`` parts never arrived starts those parts afresh.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
+LATER_PARTS = ("optimizer", "ema")  # on preemption written after the rest: 3x the adapter's size together
 NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 
@@ -113,15 +121,22 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str) -> Path:
-        """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K."""
+    def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str,
+             later: tuple[str, ...] = ()) -> Path:
+        """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K.
+
+        States named in ``later`` are written after the checkpoint is already in place (preemption).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        pending = [name for name in states if name in later]
         for name, state in states.items():
-            write_state(tmp, name, state)
+            if name not in pending:
+                write_state(tmp, name, state)
         (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "pending": pending} if pending else trainer_state,
+                                                 indent=2))
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -130,8 +145,24 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(self.root)
+        if pending:
+            self.complete_pending(final, {name: states[name] for name in pending}, trainer_state)
         self.rotate()
         return final
+
+    def complete_pending(self, final: Path, states: dict[str, Any], trainer_state: dict) -> None:
+        """Add the pending states to a checkpoint in place, each file renamed in whole, then clear ``pending``."""
+        for name, state in states.items():
+            staging = final / f".{name}.tmp"
+            staging.mkdir(exist_ok=True)
+            write_state(staging, name, state)
+            # Tensors before JSON: a state is read through its .json, so it appears only once complete.
+            for file in sorted(staging.iterdir(), key=lambda f: f.suffix == ".json"):
+                _fsync(file)
+                os.replace(file, final / file.name)
+            staging.rmdir()
+        replace_text(final / STATE_FILE, json.dumps(trainer_state, indent=2))
+        _fsync(final)
 
     def rotate(self) -> None:
         """Delete all but the newest ``keep`` complete checkpoints, and stale ``tmp-`` folders."""
@@ -139,6 +170,14 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and an atomic rename: readers see the old or the new text."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 class Stateful(Protocol):
@@ -150,16 +189,21 @@ class Stateful(Protocol):
 
 
 def save_parts(manager: "CheckpointManager", step: int, parts: Mapping[str, Stateful], ranks: list,
-               trainer_state: dict, config_yaml: str) -> Path:
-    """Write every part's state (and every rank's, gathered) as one checkpoint."""
+               trainer_state: dict, config_yaml: str, later: tuple[str, ...] = ()) -> Path:
+    """Write every part's state (and every rank's, gathered) as one checkpoint; ``later`` parts last."""
     states = {name: part.state_dict() for name, part in parts.items()}
-    return manager.save(step, {**states, "ranks": ranks}, trainer_state, config_yaml)
+    return manager.save(step, {**states, "ranks": ranks}, trainer_state, config_yaml, later=later)
 
 
 def load_parts(folder: str | Path, parts: Mapping[str, Stateful], rank: int, rank_part: Stateful) -> dict:
     """Load a checkpoint into the same named parts ``save_parts`` wrote; returns its trainer_state."""
     states, trainer_state = load_checkpoint(folder, [*parts, "ranks"])
+    pending = set(trainer_state.get("pending", ()))
     for name, part in parts.items():
+        if name in pending and name not in states:  # a preemption checkpoint cut short after its first stage
+            logging.getLogger(__name__).warning("%s has no %s state (killed while writing it): it starts afresh",
+                                                Path(folder).name, name)
+            continue
         if name not in states:
             raise CheckpointError(f"{Path(folder).name} has no {name} state (was it saved with other settings, "
                                   "e.g. trainer.ema off?); use resume=none or the same settings")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,12 +31,24 @@ EXPORT_NAME = "ip-adapter.safetensors"
 
 def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) -> Accelerator:
     """Accelerate owns devices, DDP wrapping, autocast and trackers."""
+    # Ranks wait in collectives while one rank downloads the base or writes a checkpoint: the default
+    # 10 minutes is too short for a first SDXL download on a slow link.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.collective_timeout_s))
     return Accelerator(
         mixed_precision=trainer.mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         log_with=trackers.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False), timeout],
     )
+
+
+def enable_tf32(trainer: TrainerConfig) -> bool:
+    """TF32 matmuls and convolutions on CUDA when ``trainer.allow_tf32``; returns whether it is on."""
+    on = trainer.allow_tf32 and torch.cuda.is_available()
+    if on:  # fp32 parts (adapter, VAE, the whole UNet with mixed_precision=no) use tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return on
 
 
 def check_distributed(distributed_type: str) -> None:
@@ -46,9 +59,20 @@ def check_distributed(distributed_type: str) -> None:
 
 
 def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype) -> BaseModel:
-    """Main process first, so a missing tiny base (or a download) is made once, not per rank."""
-    with accelerator.main_process_first():
+    """Each node's first process first, so a missing tiny base (or a download) is made once per node.
+
+    Per node, not global rank 0: on several machines each has its own disk and Hugging Face cache.
+    """
+    with accelerator.local_main_process_first():
         return instantiate(cfg.model, dtype=dtype, device=accelerator.device)
+
+
+def speed_up_unet(unet: torch.nn.Module, trainer: TrainerConfig) -> None:
+    """``trainer.channels_last`` (NHWC weights) and ``trainer.compile`` (torch.compile, in place)."""
+    if trainer.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if trainer.compile:
+        unet.compile()  # in place: state-dict names, hooks and the pipeline's reference stay the same
 
 
 def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path) -> Run:
@@ -61,6 +85,7 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     if trainer.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     adapter = instantiate(cfg.adapter)(base, blocks=target_blocks(cfg.blocks, base.family))
+    speed_up_unet(base.unet, trainer)  # after the adapter, so its processors are compiled with the UNet
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
     model, optimizer = accelerator.prepare(AdaptedUNet(base.unet, adapter), optimizer)
@@ -88,6 +113,8 @@ def restore(run: Run, folder: Path) -> None:
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     check_compatible(trainer_state["identity"], run.identity, folder)
     load_parts(folder, run.parts(), run.accelerator.process_index, run.rank_part())
+    if run.ema is not None and not (folder / "ema.json").is_file():  # killed before the EMA was written
+        run.ema = EMA(run.adapter, run.ema.decay)
     run.step = int(trainer_state["step"])
     run.summary["resumed_from"] = str(folder)
     log.info("resumed from %s at step %d", folder, run.step)
@@ -108,6 +135,7 @@ def train(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.output_dir)
     trackers = instantiate(cfg.logger, run_dir=str(run_dir))
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
+    enable_tf32(settings.trainer)
     check_distributed(str(accelerator.distributed_type).split(".")[-1])
     run = build_run(cfg, settings, accelerator, run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
