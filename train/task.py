@@ -65,16 +65,18 @@ class DiffusionTask:
     def encode(self, batch: dict) -> Conditioning:
         """Latents, text embeddings, image features and SDXL time ids; nothing here needs grad."""
         vae = self.base.vae
-        pixels = batch["pixel_values"].to(self.device, vae.dtype)
+        # non_blocking: the loader pins its batches on CUDA, so copies overlap compute instead of syncing.
+        pixels = batch["pixel_values"].to(self.device, vae.dtype, non_blocking=True)
         latents = vae.encode(pixels).latent_dist.sample(generator=self.generator) * vae.config.scaling_factor
         prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device), self.adapter_type)
-        keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
+        features = encode_image(self.base.image_encoder, batch["clip_pixel_values"].to(self.device, non_blocking=True),
+                                self.adapter_type)
+        keep = (~batch["drop_image"].to(self.device, non_blocking=True)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None
         if self.base.family == "sdxl":
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype, non_blocking=True)}
         return Conditioning(latents.float(), prompt_embeds, features, added)
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from instantstyle.export import export_safetensors
 from instantstyle.models import BaseModel
 from train.checkpoint import CheckpointManager, check_compatible, load_parts
 from train.checks import Settings, check_config, target_blocks
-from train.config import ConfigError, TrainerConfig
+from train.config import ConfigError, TrainerConfig, resolve_precision
 from train.data import build_train_loader
 from train.ema import EMA
 from train.loggers import Trackers, loggable_config
@@ -35,7 +35,7 @@ def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) 
     # 10 minutes is too short for a first SDXL download on a slow link.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.collective_timeout_s))
     return Accelerator(
-        mixed_precision=trainer.mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(trainer).mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         log_with=trackers.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False), timeout],
