@@ -157,7 +157,8 @@ def test_loss_and_grad_norm_sync_only_on_log_steps_and_speed_flags_reach_the_une
     monkeypatch.setattr(loop.DiffusionTask, "__call__", probed_task)
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda *a, **k: clip(*a, **k).as_subclass(SyncProbe))
     monkeypatch.setattr(loop, "train_step", counted_step)
-    monkeypatch.setattr(loop.StopSignal, "agreed", lambda self, acc: votes.append(SyncProbe.step[0]) or agreed(self, acc))
+    monkeypatch.setattr(loop.StopSignal, "agreed",
+                        lambda self, acc: votes.append(SyncProbe.step[0]) or agreed(self, acc))
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)  # never really compiles
     run = train(compose(tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "trainer.max_steps=6",
                                        "trainer.log_every=3", "trainer.stop_check_every=4",
@@ -260,6 +261,7 @@ def test_preemption_checkpoint_is_usable_before_optimizer_and_ema_are_written(re
 RANK_SCRIPT = '''
 import json, os, signal, sys
 from pathlib import Path
+from safetensors.torch import save_file
 import train.checkpoint as checkpoint, train.loop as loop
 from train.config import compose
 from train.training import train
@@ -282,15 +284,26 @@ if rank == 0 and mode == "checkpoint":  # both ranks are signalled in the middle
         saves.append(name)
         write(folder, name, state)
     checkpoint.write_state = signalled_write
+import train.training as training
+export, live = training.export_final, {}
+def export_after_copy(run):  # the export puts EMA weights into rank 0's adapter; keep the live ones
+    live.update({k: v.detach().clone().contiguous() for k, v in run.adapter.state_dict().items()})
+    return export(run)
+training.export_final = export_after_copy
 run = train(compose(sys.argv[3:]))
-(out / f"summary{rank}.json").write_text(json.dumps({**run.summary, "writes": saves}))
+weight = run.base.unet.conv_in.weight  # a DTensor holding this rank's shard when the UNet is sharded
+local = weight.to_local() if hasattr(weight, "to_local") else weight
+(out / f"summary{rank}.json").write_text(json.dumps({**run.summary, "writes": saves,
+                                                    "unet_shard": [local.shape[0], weight.shape[0]]}))
+weights = live or {k: v.contiguous() for k, v in run.adapter.state_dict().items()}
+save_file(weights, str(out / f"adapter{rank}.safetensors"))
 '''
 
 
-def launch_two(tmp_path: Path, mode: str, overrides: list[str]) -> dict:
+def launch_two(tmp_path: Path, mode: str, overrides: list[str], **extra_env: str) -> dict:
     """Train in two gloo processes; rank 0's summary (with the names of the states it wrote)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra_env}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(tmp_path / "ranks.py"), str(tmp_path), mode, *overrides]
@@ -299,6 +312,8 @@ def launch_two(tmp_path: Path, mode: str, overrides: list[str]) -> dict:
     summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1)]
     assert summaries[0]["step"] == summaries[1]["step"]
     assert summaries[0]["preempted"] == summaries[1]["preempted"]  # the ranks agreed
+    adapters = [load_file(str(tmp_path / f"adapter{r}.safetensors")) for r in (0, 1)]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # replicas stay identical
     return summaries[0]
 
 
@@ -322,3 +337,50 @@ def test_two_ranks_agree_to_stop_in_validation_and_in_a_checkpoint_write(styles,
     third = launch_two(tmp_path, "none", args)
     assert third["resumed_from"].endswith("checkpoint-00000003") and third["step"] == 4 and not third["preempted"]
     assert (out / "eval" / "step-00000004" / "metrics.json").is_file() and (out / "ip-adapter.safetensors").is_file()
+
+
+# ---- FSDP: the frozen UNet sharded, the adapter replicated ------------------------------------------------
+
+@pytest.mark.parametrize("variable, backend, processes, shard", [
+    ("ACCELERATE_USE_FSDP", "FSDP", 2, True), ("ACCELERATE_USE_FSDP", "FSDP", 1, False),
+    ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", 2, False), (None, None, 2, False)])
+def test_sharded_configs_start_and_say_what_runs(monkeypatch, caplog, variable, backend, processes, shard):
+    from train.sharding import take_over_sharding
+    from train.training import check_distributed
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for fsdp.yaml / deepspeed_zero2.yaml
+    assert take_over_sharding() == backend
+    assert os.environ.get(variable or "ACCELERATE_USE_FSDP", "false") == "false"  # Accelerate runs data parallel
+    assert check_distributed(backend, processes) is shard  # never an error
+    assert ("training runs data parallel" in caplog.text) is (backend == "DEEPSPEED")
+
+
+@pytest.mark.skipif(os.environ.get("SKIP_MULTIPROCESS") == "1", reason="SKIP_MULTIPROCESS=1")
+def test_fsdp_shards_the_frozen_unet_and_resumes_bitwise_equal_to_ddp(styles, tiny_model_dir, shards, tmp_path):
+    (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
+    validation = [a for a in styles if not a.startswith("validation.steps")] + ["validation.steps=2"]
+
+    def args(out: Path, steps: int) -> list[str]:
+        return tiny_overrides(tiny_model_dir, shards, out, f"trainer.max_steps={steps}", "trainer.ema=0.9",
+                              "optim.lr=1e-3", "trainer.checkpoint_every=2", "trainer.validate_every=2", *validation)
+
+    ddp = launch_two(tmp_path, "none", args(tmp_path / "ddp", 4))
+    assert ddp["unet_shard"][0] == ddp["unet_shard"][1]  # DDP: every rank holds the whole UNet
+    fsdp = tmp_path / "fsdp"
+    # What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets; on CPU Accelerate would ignore it.
+    first = launch_two(tmp_path, "none", args(fsdp, 2), ACCELERATE_USE_FSDP="true")
+    local, full = first["unet_shard"]
+    assert local * 2 == full  # each rank holds half of the frozen UNet
+    resumed = launch_two(tmp_path, "none", args(fsdp, 4), ACCELERATE_USE_FSDP="true")
+    assert resumed["resumed_from"].endswith("checkpoint-00000002") and resumed["step"] == 4
+    assert (fsdp / "eval" / "step-00000004" / "metrics.json").is_file()  # validation ran on both ranks together
+    for name in ("adapter", "optimizer", "ema"):
+        ref = load_file(str(tmp_path / "ddp" / f"checkpoints/checkpoint-00000004/{name}.safetensors"))
+        new = load_file(str(fsdp / f"checkpoints/checkpoint-00000004/{name}.safetensors"))
+        assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref), name
+    ref = load_file(str(tmp_path / "ddp" / "ip-adapter.safetensors"))  # untrained layers come from the whole UNet
+    new = load_file(str(fsdp / "ip-adapter.safetensors"))
+    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)

@@ -191,7 +191,7 @@ class TrainerConfig:
             (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
             (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
             (t.stop_check_every >= 1, f"trainer.stop_check_every must be ≥ 1 (got {t.stop_check_every})"),
-            (t.collective_timeout_s >= 60, f"trainer.collective_timeout_s must be ≥ 60 (got {t.collective_timeout_s})"),
+            (t.collective_timeout_s >= 60, f"trainer.collective_timeout_s must be ≥ 60 s (got {t.collective_timeout_s})"),
         ])
 
     @property

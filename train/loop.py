@@ -20,6 +20,7 @@ from instantstyle.generate import StyleGenerator
 from train.checkpoint import LATER_PARTS, CheckpointManager, capture_rng, gather_json, restore_rng, save_parts
 from train.loggers import ThroughputMeter
 from train.run import Run
+from train.sharding import ShardedAdaptedUNet, is_sharded
 from train.task import DiffusionTask
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def training_state_kept(run: Run) -> Iterator[None]:
             proc.scale = scale
 
 
-def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path) -> dict[str, float | None]:
+def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path | None) -> dict[str, float | None]:
     """Metric means of the adapter as it is now; writes metrics.json, metrics.md and grid.png to ``out_dir``."""
     v = run.validation
     # The live weights, not EMA: they are what the loss curve describes, and swapping EMA in and out
@@ -174,14 +175,19 @@ def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
 
 
 def validate(run: Run, refs: list[StyleReference] | None, stop: StopSignal) -> bool:
-    """Evaluate on the main process and log while the other ranks vote; True when a stop signal cut it short."""
-    gate = StopGate(stop, run.accelerator)
-    if not run.accelerator.is_main_process:
+    """Evaluate on the main process and log while the other ranks vote; True when a stop signal cut it short.
+
+    With a sharded UNet every rank generates the same images (each UNet call gathers weights from all);
+    only the main process writes and logs them.
+    """
+    gate, main = StopGate(stop, run.accelerator), run.accelerator.is_main_process
+    if not (main or is_sharded(run.model)):
         return gate.wait()
     try:
         with training_state_kept(run), gate.ticking(run.base.unet):
-            means = evaluate_live(run, refs, run.run_dir / "eval" / f"step-{run.step:08d}")
-        report_validation(run, means)
+            means = evaluate_live(run, refs, run.run_dir / "eval" / f"step-{run.step:08d}" if main else None)
+        if main:
+            report_validation(run, means)
     except ValidationStopped:
         log.warning("step %d validation stopped by a signal; its report is not written", run.step)
     finally:
@@ -218,7 +224,9 @@ def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[torch.Tensor,
             loss, _metrics = run.task(batch)
             accelerator.backward(loss)
         losses.append(loss.detach())
-    # accumulate() has synced gradients on the last micro-batch.
+    # accumulate() has synced gradients on the last micro-batch (a sharded model averages its own).
+    if isinstance(run.model, ShardedAdaptedUNet):
+        run.model.average_gradients()
     max_norm = run.trainer.max_grad_norm or float("inf")
     grad_norm = accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm)
     run.optimizer.step()
@@ -273,8 +281,9 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
     t, acc = run.trainer, run.accelerator
     samples_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
-    fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
-    refs = run.settings.references if run.validation.enabled and acc.is_main_process else None
+    generates = acc.is_main_process or is_sharded(run.model)  # a sharded UNet runs only on all ranks together
+    fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and generates else None
+    refs = run.settings.references if run.validation.enabled and generates else None
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
     start, first_step, metrics, preempted = time.perf_counter(), run.step, {}, False
     try:

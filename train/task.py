@@ -76,7 +76,8 @@ class DiffusionTask:
         added = None
         if self.base.family == "sdxl":
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype, non_blocking=True)}
+            time_ids = time_ids.to(self.device, prompt_embeds.dtype, non_blocking=True)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
         return Conditioning(latents.float(), prompt_embeds, features, added)
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

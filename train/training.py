@@ -17,12 +17,13 @@ from instantstyle.export import export_safetensors
 from instantstyle.models import BaseModel
 from train.checkpoint import CheckpointManager, check_compatible, load_parts
 from train.checks import Settings, check_config, target_blocks
-from train.config import ConfigError, TrainerConfig, resolve_precision
+from train.config import TrainerConfig, resolve_precision
 from train.data import build_train_loader
 from train.ema import EMA
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
 from train.run import Run
+from train.sharding import shard_frozen_unet, take_over_sharding, whole_unet
 from train.task import AdaptedUNet, DiffusionTask, rank_seed
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) 
     # 10 minutes is too short for a first SDXL download on a slow link.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.collective_timeout_s))
     return Accelerator(
-        mixed_precision=resolve_precision(trainer).mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(trainer).mixed_precision,
+        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         log_with=trackers.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False), timeout],
@@ -51,11 +53,14 @@ def enable_tf32(trainer: TrainerConfig) -> bool:
     return on
 
 
-def check_distributed(distributed_type: str) -> None:
-    """Checkpoints are exact for data parallelism; sharded optimizer state (FSDP, ZeRO) is not saved yet."""
-    if distributed_type in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"ACCELERATE_CONFIG selects {distributed_type}, whose sharded optimizer state these "
-                          "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
+def check_distributed(backend: str | None, num_processes: int) -> bool:
+    """Whether to shard the frozen UNet (``ACCELERATE_CONFIG=fsdp`` on several processes); says what runs."""
+    if backend == "DEEPSPEED":
+        # ZeRO-2 would partition only the adapter's optimizer state (tens of MB) and hide it in DeepSpeed's
+        # pickled checkpoints; data parallelism keeps them exact and pickle-free at the same memory.
+        log.warning("ACCELERATE_CONFIG=deepspeed_zero2: the adapter is too small for ZeRO-2 to save memory; "
+                    "training runs data parallel (use ACCELERATE_CONFIG=fsdp to shard the frozen base)")
+    return backend == "FSDP" and num_processes > 1
 
 
 def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype) -> BaseModel:
@@ -75,7 +80,17 @@ def speed_up_unet(unet: torch.nn.Module, trainer: TrainerConfig) -> None:
         unet.compile()  # in place: state-dict names, hooks and the pipeline's reference stay the same
 
 
-def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path) -> Run:
+def prepare_model(unet: torch.nn.Module, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  accelerator: Accelerator, shard: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """DDP-wrapped UNet + adapter, or (FSDP) the UNet sharded by ``train.sharding`` and only the optimizer prepared."""
+    if not shard:
+        return accelerator.prepare(AdaptedUNet(unet, adapter), optimizer)
+    model = shard_frozen_unet(unet, adapter, accelerator.device, accelerator.autocast)
+    return model, accelerator.prepare(optimizer)
+
+
+def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path,
+              shard: bool = False) -> Run:
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
@@ -88,7 +103,7 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     speed_up_unet(base.unet, trainer)  # after the adapter, so its processors are compiled with the UNet
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
-    model, optimizer = accelerator.prepare(AdaptedUNet(base.unet, adapter), optimizer)
+    model, optimizer = prepare_model(base.unet, adapter, optimizer, accelerator, shard)
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
     task = DiffusionTask(base, model, adapter_type=adapter.spec.adapter_type, generator=generator,
@@ -134,10 +149,10 @@ def train(cfg: DictConfig) -> Run:
     settings = check_config(cfg)
     run_dir = Path(cfg.output_dir)
     trackers = instantiate(cfg.logger, run_dir=str(run_dir))
+    backend = take_over_sharding()  # before the Accelerator, which then runs data parallel underneath
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
     enable_tf32(settings.trainer)
-    check_distributed(str(accelerator.distributed_type).split(".")[-1])
-    run = build_run(cfg, settings, accelerator, run_dir)
+    run = build_run(cfg, settings, accelerator, run_dir, shard=check_distributed(backend, accelerator.num_processes))
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
     folder = checkpoint_to_resume(cfg.resume, manager)
     if folder is not None:
@@ -147,8 +162,10 @@ def train(cfg: DictConfig) -> Run:
         (run_dir / "config.yaml").write_text(run.config_yaml)
     accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
     fit(run, manager)
-    if accelerator.is_main_process and not run.summary.get("preempted"):
-        run.summary["export"] = str(export_final(run))
+    if not run.summary.get("preempted"):
+        with whole_unet(run.model):  # FSDP: the export copies untrained layers' weights from the UNet
+            if accelerator.is_main_process:
+                run.summary["export"] = str(export_final(run))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
     accelerator.wait_for_everyone()
