@@ -85,8 +85,8 @@ class StopGate:
 
     @contextmanager
     def ticking(self, unet: torch.nn.Module) -> Iterator[None]:
-        """Vote before every forward of ``unet`` inside the block."""
-        handle = unet.register_forward_pre_hook(self.tick)
+        """Vote before every forward of ``unet`` inside the block (before FSDP gathers a sharded UNet's weights)."""
+        handle = unet.register_forward_pre_hook(self.tick, prepend=True)
         try:
             yield
         finally:
