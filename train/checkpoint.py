@@ -5,6 +5,12 @@ once every file is fsynced, so a kill mid-write leaves the previous checkpoints 
 ``trainer_state.json`` is written last and lists the states the folder holds; a folder without
 it is never resumed from, and ``verify_checkpoint`` reads every listed state before one is.
 Frozen models are never saved: a checkpoint holds only what training changes.
+
+A preemption checkpoint is written in two stages, so that a usable one exists early in the
+30 s between SIGTERM and SIGKILL: first the adapter, schedule, RNG streams and data positions
+(renamed into place with ``pending`` naming what is still to come), then the larger optimizer
+and EMA states, each renamed into place, and ``trainer_state.json`` again without ``pending``.
+Resuming from a checkpoint whose ``pending`` parts never arrived starts those parts afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+LATER_PARTS = ("optimizer", "ema")  # on preemption written after the rest: 3x the adapter's size together
 NAME = re.compile(r"^checkpoint-(\d{8})$")
 # States every checkpoint holds; those written before trainer_state.json listed its states are checked for these.
 CORE_STATES = ("adapter", "optimizer", "lr_scheduler", "ranks")
@@ -153,8 +160,10 @@ def verify_checkpoint(folder: str | Path, step: int | None = None) -> dict:
         if step is not None and trainer_state["step"] != step:
             raise ValueError(f"step {trainer_state['step']}, expected {step}")
         present = [p.stem for p in folder.glob("*.json") if p.name != STATE_FILE]
+        pending = set(trainer_state.get("pending", ()))  # a preemption checkpoint cut short: resumable without them
         for what in trainer_state.get("states") or sorted({*CORE_STATES, *present}):
-            read_state(folder, what)
+            if what not in pending or (folder / f"{what}.json").is_file():
+                read_state(folder, what)
     except READ_ERRORS as err:
         raise CheckpointError(f"{folder.name} is unusable ({what}: {_one_line(err)})") from None
     return trainer_state
@@ -205,9 +214,11 @@ class CheckpointManager:
                                   "away, resume=PATH from another copy, or resume=none to start over")
         return None
 
-    def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str) -> Path:
+    def save(self, step: int, states: dict[str, Any], trainer_state: dict, config_yaml: str,
+             later: tuple[str, ...] = ()) -> Path:
         """Write every state atomically as ``checkpoint-{step:08d}``; then keep only the last K.
 
+        States named in ``later`` are written after the checkpoint is already in place (preemption).
         CheckpointError (nothing written) when a tensor holds inf/NaN.
         """
         encoded = {}
@@ -222,10 +233,14 @@ class CheckpointManager:
         tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         self._own_tmp.add(tmp.name)
+        pending = [name for name in states if name in later]
         for name, (tree, tensors) in encoded.items():
-            _write_encoded(tmp, name, tree, tensors)
+            if name not in pending:
+                _write_encoded(tmp, name, tree, tensors)
         (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "states": list(states)}, indent=2))
+        trainer_state = {**trainer_state, "states": list(states)}
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "pending": pending} if pending else trainer_state,
+                                                 indent=2))
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -235,8 +250,24 @@ class CheckpointManager:
         os.rename(tmp, final)
         self._own_tmp.discard(tmp.name)
         _fsync(self.root)
+        if pending:
+            self.complete_pending(final, {name: encoded[name] for name in pending}, trainer_state)
         self.rotate()
         return final
+
+    def complete_pending(self, final: Path, encoded: dict[str, tuple], trainer_state: dict) -> None:
+        """Add the pending states to a checkpoint in place, each file renamed in whole, then clear ``pending``."""
+        for name, (tree, tensors) in encoded.items():
+            staging = final / f".{name}.tmp"
+            staging.mkdir(exist_ok=True)
+            _write_encoded(staging, name, tree, tensors)
+            # Tensors before JSON: a state is read through its .json, so it appears only once complete.
+            for file in sorted(staging.iterdir(), key=lambda f: f.suffix == ".json"):
+                _fsync(file)
+                os.replace(file, final / file.name)
+            staging.rmdir()
+        replace_text(final / STATE_FILE, json.dumps(trainer_state, indent=2))
+        _fsync(final)
 
     def rotate(self) -> None:
         """Delete all but the newest ``keep`` complete checkpoints, and this manager's own failed ``tmp-`` writes.
@@ -255,6 +286,14 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and an atomic rename: readers see the old or the new text."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
 class Stateful(Protocol):
     """Anything a checkpoint holds: the adapter, optimizer, schedule, EMA, a rank's RNG and data position."""
 
@@ -264,16 +303,21 @@ class Stateful(Protocol):
 
 
 def save_parts(manager: "CheckpointManager", step: int, parts: Mapping[str, Stateful], ranks: list,
-               trainer_state: dict, config_yaml: str) -> Path:
-    """Write every part's state (and every rank's, gathered) as one checkpoint."""
+               trainer_state: dict, config_yaml: str, later: tuple[str, ...] = ()) -> Path:
+    """Write every part's state (and every rank's, gathered) as one checkpoint; ``later`` parts last."""
     states = {name: part.state_dict() for name, part in parts.items()}
-    return manager.save(step, {**states, "ranks": ranks}, trainer_state, config_yaml)
+    return manager.save(step, {**states, "ranks": ranks}, trainer_state, config_yaml, later=later)
 
 
 def load_parts(folder: str | Path, parts: Mapping[str, Stateful], rank: int, rank_part: Stateful) -> dict:
     """Load a checkpoint into the same named parts ``save_parts`` wrote; returns its trainer_state."""
     states, trainer_state = load_checkpoint(folder, [*parts, "ranks"])
+    pending = set(trainer_state.get("pending", ()))
     for name, part in parts.items():
+        if name in pending and name not in states:  # a preemption checkpoint cut short after its first stage
+            log.warning("%s has no %s state (killed while writing it): it starts afresh",
+                        Path(folder).name, name)
+            continue
         if name not in states:
             raise CheckpointError(f"{Path(folder).name} has no {name} state (was it saved with other settings, "
                                   "e.g. trainer.ema off?); use resume=none or the same settings")

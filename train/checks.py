@@ -31,6 +31,7 @@ from train.config import (
     TrainerConfig,
     ValidationConfig,
     check_known_keys,
+    resolve_precision,
     section,
 )
 
@@ -242,7 +243,7 @@ def check_config(cfg: DictConfig) -> Settings:
             raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
     check_known_keys(cfg)
     check_output_dir(str(cfg.output_dir))
-    trainer = section(cfg.trainer, "trainer", TrainerConfig)
+    trainer = resolve_precision(section(cfg.trainer, "trainer", TrainerConfig))  # "auto" → no/fp16/bf16
     adapter_type = str(cfg.adapter.type)
     for name, schema in (("adapter", AdapterConfig), ("logger", LoggerConfig), ("optim", OptimConfig)):
         section(cfg[name], name, schema)  # their range checks

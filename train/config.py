@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LR_SCHEDULERS = ("constant", "cosine", "linear")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 ADAPTER_TYPES = ("ip_adapter", "ip_adapter_plus")
 LOGGERS = ("none", "tensorboard", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -171,7 +171,11 @@ class TrainerConfig:
     lr_scheduler: str = "constant"       # constant | cosine | linear, each after linear warmup
     warmup_steps: int = 0
     max_grad_norm: Optional[float] = 1.0  # null = no clipping (the norm is still logged)
-    mixed_precision: str = "no"          # no | fp16 | bf16: frozen nets run in it, adapter weights stay fp32
+    mixed_precision: str = "auto"        # auto | no | fp16 | bf16: frozen nets run in it, adapter weights stay fp32;
+                                         # auto = bf16 where the GPU has it, fp16 on older GPUs, no on CPU
+    allow_tf32: bool = True              # TF32 matmuls/convolutions on CUDA (Ampere+): ~2x faster fp32 parts
+    compile: bool = False                # torch.compile the UNet (first steps slower while it compiles)
+    channels_last: bool = False          # UNet weights/activations in NHWC: faster convolutions on tensor cores
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     checkpoint_every: int = 500          # steps; 0 = only at the end and on preemption
     checkpoints_to_keep: int = 3
@@ -186,6 +190,9 @@ class TrainerConfig:
     validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
     record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
     max_nonfinite_steps: int = 10        # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
+    stop_check_every: int = 10           # steps between the ranks' agreement on a stop signal (a host sync);
+                                         # always checked before a checkpoint; keep steps × this well under 30 s
+    collective_timeout_s: int = 1800     # how long ranks wait in a collective (base download, rank-0 work)
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
@@ -208,6 +215,8 @@ class TrainerConfig:
             (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
             (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
             (t.max_nonfinite_steps >= 1, f"trainer.max_nonfinite_steps must be ≥ 1 (got {t.max_nonfinite_steps})"),
+            (t.stop_check_every >= 1, f"trainer.stop_check_every must be ≥ 1 (got {t.stop_check_every})"),
+            (t.collective_timeout_s >= 60, f"trainer.collective_timeout_s must be ≥ 60 s (got {t.collective_timeout_s})"),
         ])
 
     @property
@@ -216,6 +225,29 @@ class TrainerConfig:
         import torch
 
         return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
+
+
+def choose_precision(requested: str, *, cuda: bool, bf16: bool) -> str:
+    """``auto`` → bf16 on GPUs that have it, fp16 on older GPUs, no on CPU; any other value as given."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "no"
+    return "bf16" if bf16 else "fp16"
+
+
+def resolve_precision(trainer: TrainerConfig) -> TrainerConfig:
+    """``trainer`` with ``mixed_precision=auto`` replaced by what this machine's accelerator supports."""
+    from dataclasses import replace
+
+    if trainer.mixed_precision != "auto":
+        return trainer
+    import torch
+
+    cuda = torch.cuda.is_available()
+    # Compute capability 8 (Ampere) and up have bf16 tensor cores; older GPUs only emulate it, slowly.
+    bf16 = cuda and torch.cuda.get_device_capability()[0] >= 8
+    return replace(trainer, mixed_precision=choose_precision("auto", cuda=cuda, bf16=bf16))
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import sys
 import time
@@ -19,10 +18,11 @@ from tqdm.auto import tqdm
 
 from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter
 from instantstyle.generate import StyleGenerator
-from train.checkpoint import (FINITE_HINT, CheckpointManager, capture_rng, check_finite, gather_json, restore_rng,
-                              save_parts)
+from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, check_finite, gather_json,
+                              restore_rng, save_parts)
 from train.loggers import ThroughputMeter
 from train.run import Run
+from train.sharding import ShardedAdaptedUNet, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,68 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def save_checkpoint(run: Run, manager: CheckpointManager) -> None:
-    """Gather every rank's own state; only the main process writes (never inf/NaN weights)."""
+class ValidationStopped(Exception):
+    """A rank was signalled while the main process generated validation images."""
+
+
+class StopGate:
+    """Lock-step stop votes while the main process works alone, so every rank hears of a signal within one UNet call.
+
+    The main process votes before each UNet call of its validation and once more when done; the other
+    ranks vote in a loop until that last vote. No rank sits in one long collective: a preemption that
+    lands anywhere is agreed on within one denoising step, and no wait nears the collective timeout.
+    """
+
+    def __init__(self, stop: StopSignal, accelerator: Accelerator) -> None:
+        self.stop, self.accelerator = stop, accelerator
+
+    def _vote(self, done: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(self.stop.requested), float(done)], device=self.accelerator.device)
+        total = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return total[0] > 0, total[1] > 0
+
+    def tick(self, *_args) -> None:
+        """Main process, between UNet calls: raise ``ValidationStopped`` when any rank was signalled."""
+        if self._vote(done=False)[0]:
+            raise ValidationStopped
+
+    def finish(self) -> bool:
+        """Main process, last vote: whether any rank was signalled."""
+        return self._vote(done=True)[0]
+
+    def wait(self) -> bool:
+        """Other ranks: vote until the main process is done; whether any rank was signalled."""
+        while True:
+            stopped, done = self._vote(done=False)
+            if done:
+                return stopped
+
+    @contextmanager
+    def ticking(self, unet: torch.nn.Module) -> Iterator[None]:
+        """Vote before every forward of ``unet`` inside the block (before FSDP gathers a sharded UNet's weights)."""
+        handle = unet.register_forward_pre_hook(self.tick, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def save_checkpoint(run: Run, manager: CheckpointManager, preempted: bool = False) -> None:
+    """Gather every rank's own state; only the main process writes (never inf/NaN weights).
+
+    On preemption the adapter, schedule, RNG and data position are written (and renamed into place)
+    before the optimizer and EMA, so a usable checkpoint exists early in the 30 s before SIGKILL.
+    """
     check_finite(run.parts(), f"checkpoint at step {run.step}")  # every rank holds the same parts: all stop together
     ranks = gather_json(run.rank_part().state_dict(), run.accelerator)
     if run.accelerator.is_main_process:
         trainer_state = {"step": run.step, "identity": run.identity,
                          "samples_seen": sum(r["data"]["samples_seen"] for r in ranks)}
-        path = save_parts(manager, run.step, run.parts(), ranks, trainer_state, run.config_yaml)
+        later = LATER_PARTS if preempted else ()
+        path = save_parts(manager, run.step, run.parts(), ranks, trainer_state, run.config_yaml, later=later)
         log.info("saved %s", path)
     run.accelerator.wait_for_everyone()
+    run.summary["checkpoint_step"] = run.step
 
 
 @torch.no_grad()
@@ -81,7 +133,7 @@ def training_state_kept(run: Run) -> Iterator[None]:
             proc.scale = scale
 
 
-def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path) -> dict[str, float | None]:
+def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path | None) -> dict[str, float | None]:
     """Metric means of the adapter as it is now; writes metrics.json, metrics.md and grid.png to ``out_dir``."""
     v = run.validation
     # The live weights, not EMA: they are what the loss curve describes, and swapping EMA in and out
@@ -89,10 +141,27 @@ def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path) -> dict[s
     model = run.accelerator.unwrap_model(run.model)
     generator = StyleGenerator.from_base(run.base, model.adapter)  # shares the training UNet, restores it after
     config = EvalConfig(list(run.settings.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
-    # Autocast as in training: frozen nets in the training precision, adapter weights in fp32.
-    with torch.no_grad(), run.accelerator.autocast():
+    # Autocast as in training: frozen nets in the training precision, adapter weights in fp32; but the
+    # VAE decodes outside it, in its own dtype (fp32 in fp16 runs: SDXL's VAE overflows in fp16).
+    with torch.no_grad(), run.accelerator.autocast(), decoding_outside_autocast(run.base.vae):
         return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale),
                                 encoders=run.settings.metric_encoders)
+
+
+@contextmanager
+def decoding_outside_autocast(vae: torch.nn.Module) -> Iterator[None]:
+    """Inside the block ``vae.decode`` runs with autocast off, in the VAE's own dtype."""
+    decode = vae.decode
+
+    def own_dtype_decode(latents: torch.Tensor, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = own_dtype_decode  # an instance attribute shadows the method until deleted
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
@@ -106,18 +175,34 @@ def log_grid(accelerator: Accelerator, path: Path, step: int) -> None:
             tracker.log_images({"val/grid": [image]}, step=step)
 
 
-def validate(run: Run, refs: list[StyleReference] | None) -> None:
-    """Evaluate on the main process and log; the other ranks wait at a barrier."""
-    acc = run.accelerator
-    if acc.is_main_process:
-        out_dir = run.run_dir / "eval" / f"step-{run.step:08d}"
-        with training_state_kept(run):
-            means = evaluate_live(run, refs, out_dir)
-        acc.log({f"val/{k}": v for k, v in means.items() if v is not None}, step=run.step)
-        log_grid(acc, out_dir / "grid.png", run.step)
-        run.summary["validation"] = {"step": run.step, **means}
-        log.info("step %d validation: %s (%s)", run.step, means, out_dir)
-    acc.wait_for_everyone()
+def validate(run: Run, refs: list[StyleReference] | None, stop: StopSignal) -> bool:
+    """Evaluate on the main process and log while the other ranks vote; True when a stop signal cut it short.
+
+    With a sharded UNet every rank generates the same images (each UNet call gathers weights from all);
+    only the main process writes and logs them.
+    """
+    gate, main = StopGate(stop, run.accelerator), run.accelerator.is_main_process
+    if not (main or is_sharded(run.model)):
+        return gate.wait()
+    try:
+        with training_state_kept(run), gate.ticking(run.base.unet):
+            means = evaluate_live(run, refs, run.run_dir / "eval" / f"step-{run.step:08d}" if main else None)
+        if main:
+            report_validation(run, means)
+    except ValidationStopped:
+        log.warning("step %d validation stopped by a signal; its report is not written", run.step)
+    finally:
+        stopped = gate.finish()  # also on an error, so the other ranks leave their vote loop
+    return stopped
+
+
+def report_validation(run: Run, means: dict[str, float | None]) -> None:
+    """Validation means and grid to the trackers, the summary and the log."""
+    out_dir = run.run_dir / "eval" / f"step-{run.step:08d}"
+    run.accelerator.log({f"val/{k}": v for k, v in means.items() if v is not None}, step=run.step)
+    log_grid(run.accelerator, out_dir / "grid.png", run.step)
+    run.summary["validation"] = {"step": run.step, **means}
+    log.info("step %d validation: %s (%s)", run.step, means, out_dir)
 
 
 def validation_due(run: Run) -> bool:
@@ -130,10 +215,12 @@ class NonFiniteLoss(RuntimeError):
     """Too many optimizer steps in a row had an inf/NaN loss or gradient norm; the message is one line."""
 
 
-def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float, bool]:
+def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; (loss, grad norm, finite).
 
-    A non-finite loss or gradient norm skips the step: no update, and the schedule and EMA stay put.
+    Loss and grad norm stay device tensors, read only every ``log_every`` steps. The one host sync per
+    step is the skip decision (a bool): a non-finite loss or gradient norm skips the step, and the
+    schedule and EMA stay put (fp16's GradScaler makes the same per-step decision for its own skips).
     """
     accelerator, losses = run.accelerator, []
     for _ in range(run.trainer.gradient_accumulation_steps):
@@ -144,48 +231,60 @@ def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[float, float,
             loss, _metrics = run.task(batch)
             accelerator.backward(loss)
         losses.append(loss.detach())
-    # accumulate() has synced gradients on the last micro-batch.
+    # accumulate() has synced gradients on the last micro-batch (a sharded model averages its own).
+    if isinstance(run.model, ShardedAdaptedUNet):
+        run.model.average_gradients()
     max_norm = run.trainer.max_grad_norm or float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm))
-    mean_loss = float(torch.stack(losses).mean())  # the same two host syncs as always, before the step now
+    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm))
+    mean_loss = torch.stack(losses).mean()
     # The loss is an MSE through the prediction, so a rank's inf/NaN loss makes the all-reduced gradients
     # non-finite on every rank: all ranks skip together. fp16's grad scaler judges overflowing gradients itself.
-    finite = math.isfinite(mean_loss) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+    ok = torch.isfinite(mean_loss) if accelerator.scaler is not None else torch.isfinite(mean_loss + grad_norm)
+    finite = bool(ok)
     if finite:
         run.optimizer.step()
-        if not run.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped it and lowered its scale
-            run.lr_scheduler.step()
-            if run.ema is not None:
-                run.ema.update(run.adapter)
+        advance_after_step(run)
     run.optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm, finite
 
 
-def count_nonfinite(run: Run, finite: bool, in_row: int, loss: float, grad_norm: float) -> int:
+def advance_after_step(run: Run) -> bool:
+    """Schedule and EMA move only when the optimizer did (the fp16 GradScaler skips steps with inf gradients)."""
+    if run.accelerator.optimizer_step_was_skipped:
+        log.warning("step %d: inf/NaN gradients in fp16, optimizer step skipped (loss scale lowered)", run.step + 1)
+        return False
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.adapter)
+    return True
+
+
+def count_nonfinite(run: Run, finite: bool, in_row: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> int:
     """Count a skipped step; NonFiniteLoss after ``trainer.max_nonfinite_steps`` in a row. Returns the streak."""
     if finite:
         return 0
     in_row += 1
     run.summary["skipped_nonfinite"] = run.summary.get("skipped_nonfinite", 0) + 1
     log.warning("step %d: loss %s, gradient norm %s: optimizer step skipped (%d in a row)",
-                run.step, loss, grad_norm, in_row)
+                run.step, float(loss), float(grad_norm), in_row)
     if in_row >= run.trainer.max_nonfinite_steps:
         raise NonFiniteLoss(f"{in_row} steps in a row had an inf/NaN loss or gradient norm (up to step {run.step}), "
                             f"each skipped; stopping: {FINITE_HINT}")
     return in_row
 
 
-def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict:
-    """Average the window over ranks and send it to the trackers; returns what was logged."""
+def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: torch.Tensor, bar) -> dict:
+    """Average the window over ranks and send it to the trackers; returns what was logged (the only host sync)."""
     acc = run.accelerator
-    window = meter.read()
-    loss = acc.reduce(torch.tensor([window["loss"]], device=acc.device), reduction="mean").item()
+    window = meter.read()  # its loss is the mean of the window's device tensors
+    loss_t = torch.as_tensor(window["loss"], dtype=torch.float32, device=acc.device).reshape(1)
+    loss = acc.reduce(loss_t, reduction="mean").item()
     skipped = {}
     for stats in gather_json(run.loader.stats(), acc):
         for key, value in stats.items():
             if key.startswith("data/skipped/"):
                 skipped[key] = skipped.get(key, 0) + value
-    metrics = {"train/loss": loss, "train/lr": run.lr_scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+    metrics = {"train/loss": loss, "train/lr": run.lr_scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                "train/skipped_nonfinite": run.summary.get("skipped_nonfinite", 0),
                "perf/samples_per_s": window["samples_per_s"], "perf/data_wait_frac": window["data_wait_frac"],
                **skipped}
@@ -197,20 +296,32 @@ def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: float, bar) -> dict
     return metrics
 
 
+def checkpoint_due(run: Run) -> bool:
+    """Every ``checkpoint_every`` steps and at the last step."""
+    t = run.trainer
+    return bool(t.checkpoint_every and run.step % t.checkpoint_every == 0) or run.step == t.max_steps
+
+
+def stop_agreed(run: Run, stop: StopSignal, force: bool = False) -> bool:
+    """The ranks' vote on a stop signal, every ``stop_check_every`` steps (a host sync) or when ``force``d."""
+    return (force or run.step % run.trainer.stop_check_every == 0) and stop.agreed(run.accelerator)
+
+
 def fit(run: Run, manager: CheckpointManager) -> dict:
     """Train from ``run.step`` to ``max_steps``; stops early (after a checkpoint) on SIGTERM/SIGINT."""
     t, acc = run.trainer, run.accelerator
     samples_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     stop, meter, batches = StopSignal(), ThroughputMeter(), iter(run.loader)
-    fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and acc.is_main_process else None
-    refs = run.settings.references if run.validation.enabled and acc.is_main_process else None
+    generates = acc.is_main_process or is_sharded(run.model)  # a sharded UNet runs only on all ranks together
+    fixed_batch = next(iter(run.fixed_batch_loader())) if t.validate_every and generates else None
+    refs = run.settings.references if run.validation.enabled and generates else None
     # A bar redraws one line with \r: in a redirected log (sbatch, nohup, CI) that is one huge line.
     show_bar = acc.is_main_process and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not show_bar)
     start, first_step, metrics, preempted, nonfinite = time.perf_counter(), run.step, {}, False, 0
     run.summary.setdefault("skipped_nonfinite", 0)
     try:
-        while run.step < t.max_steps:
+        while run.step < t.max_steps and not preempted:
             loss, grad_norm, finite = train_step(run, batches, meter)
             run.step += 1
             nonfinite = count_nonfinite(run, finite, nonfinite, loss, grad_norm)
@@ -220,13 +331,7 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
                 metrics = log_metrics(run, meter, grad_norm, bar)
             if fixed_batch is not None and run.step % t.validate_every == 0:
                 acc.log({"val/fixed_batch_loss": fixed_batch_loss(run, fixed_batch)}, step=run.step)
-            preempted = stop.agreed(acc)
-            if preempted or (t.checkpoint_every and run.step % t.checkpoint_every == 0) or run.step == t.max_steps:
-                save_checkpoint(run, manager)
-            if preempted:
-                break
-            if validation_due(run):  # after the checkpoint: a failing evaluation loses no training
-                validate(run, refs)
+            preempted = step_boundary(run, manager, stop, refs)
     finally:
         stop.restore()
         bar.close()
@@ -236,3 +341,21 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
                         "samples_per_s": (run.step - first_step) * samples_per_step / max(elapsed, 1e-9),
                         "samples_seen": run.step * samples_per_step, "world_size": acc.num_processes})
     return run.summary
+
+
+def step_boundary(run: Run, manager: CheckpointManager, stop: StopSignal, refs: list | None) -> bool:
+    """Checkpoint and validate when due; True when the ranks agreed to stop (a checkpoint of this step exists).
+
+    A signal may land in the middle of a checkpoint write or a validation: both are followed by a
+    vote, and a stop never rewrites the checkpoint this step already has.
+    """
+    due = checkpoint_due(run)
+    preempted = stop_agreed(run, stop, force=due)
+    if due or preempted:
+        save_checkpoint(run, manager, preempted=preempted)
+        preempted = preempted or stop_agreed(run, stop, force=True)  # signalled during the write
+    if not preempted and validation_due(run):  # after the checkpoint: a failing evaluation loses no training
+        preempted = validate(run, refs, stop)
+        if preempted and run.summary.get("checkpoint_step") != run.step:
+            save_checkpoint(run, manager, preempted=True)
+    return preempted

@@ -85,12 +85,13 @@ class DiffusionTask:
                                                        else self._live(batch))
         latents = sample_latents(mean, std, self.generator, self.base.vae.config.scaling_factor)
         features = self.decouple(features, pooled, batch["captions"])
-        keep = (~batch["drop_image"].to(self.device)).to(features.dtype)
+        keep = (~batch["drop_image"].to(self.device, non_blocking=True)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None
         if self.base.family == "sdxl":
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, prompt_embeds.dtype)}
+            time_ids = time_ids.to(self.device, prompt_embeds.dtype, non_blocking=True)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
         return Conditioning(latents.float(), prompt_embeds, features, added)
 
     def decouple(self, features: torch.Tensor, pooled: torch.Tensor | None, captions: list[str]) -> torch.Tensor:
@@ -108,9 +109,11 @@ class DiffusionTask:
 
     def _live(self, batch: dict) -> tuple:
         """Run the frozen encoders on uint8 pixels (normalised here, on the device) and captions."""
-        mean, std = latent_distribution(self.base.vae, batch["pixel_values"].to(self.device))
+        # non_blocking: the loader pins its batches on CUDA, so copies overlap compute instead of syncing.
+        mean, std = latent_distribution(self.base.vae, batch["pixel_values"].to(self.device, non_blocking=True))
         prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
+        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device, non_blocking=True), self.clip_mean,
+                                 self.clip_std)
         return mean, std, prompt_embeds, pooled, encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
 
     def _cached(self, batch: dict) -> tuple:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,7 @@ from instantstyle.models import BaseModel
 from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
                               load_parts, verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
-from train.config import ConfigError, TrainerConfig
+from train.config import TrainerConfig, resolve_precision
 from train.data import build_train_loader
 from train.ema import EMA
 from train.families import adapted_model, adapter_identity, denoiser, export_adapter, task_for
@@ -27,6 +28,7 @@ from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
 from train.run import Run
 from train.run_lock import RunLock
+from train.sharding import shard_frozen_unet, take_over_sharding, whole_unet
 from train.task import rank_seed
 
 log = logging.getLogger(__name__)
@@ -35,28 +37,65 @@ EXPORT_NAME = "ip-adapter.safetensors"
 
 def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) -> Accelerator:
     """Accelerate owns devices, DDP wrapping, autocast and trackers."""
+    # Ranks wait in collectives while one rank downloads the base or writes a checkpoint: the default
+    # 10 minutes is too short for a first SDXL download on a slow link.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.collective_timeout_s))
     return Accelerator(
-        mixed_precision=trainer.mixed_precision, gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(trainer).mixed_precision,
+        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         log_with=trackers.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False), timeout],
     )
 
 
-def check_distributed(distributed_type: str) -> None:
-    """Checkpoints are exact for data parallelism; sharded optimizer state (FSDP, ZeRO) is not saved yet."""
-    if distributed_type in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"ACCELERATE_CONFIG selects {distributed_type}, whose sharded optimizer state these "
-                          "checkpoints cannot hold yet; use ACCELERATE_CONFIG=ddp (the adapter is small)")
+def enable_tf32(trainer: TrainerConfig) -> bool:
+    """TF32 matmuls and convolutions on CUDA when ``trainer.allow_tf32``; returns whether it is on."""
+    on = trainer.allow_tf32 and torch.cuda.is_available()
+    if on:  # fp32 parts (adapter, VAE, the whole UNet with mixed_precision=no) use tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return on
+
+
+def check_distributed(backend: str | None, num_processes: int) -> bool:
+    """Whether to shard the frozen UNet (``ACCELERATE_CONFIG=fsdp`` on several processes); says what runs."""
+    if backend == "DEEPSPEED":
+        # ZeRO-2 would partition only the adapter's optimizer state (tens of MB) and hide it in DeepSpeed's
+        # pickled checkpoints; data parallelism keeps them exact and pickle-free at the same memory.
+        log.warning("ACCELERATE_CONFIG=deepspeed_zero2: the adapter is too small for ZeRO-2 to save memory; "
+                    "training runs data parallel (use ACCELERATE_CONFIG=fsdp to shard the frozen base)")
+    return backend == "FSDP" and num_processes > 1
 
 
 def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True) -> BaseModel:
-    """Main process first, so a missing tiny base (or a download) is made once, not per rank."""
-    with accelerator.main_process_first():
+    """Each node's first process first, so a missing tiny base (or a download) is made once per node.
+
+    Per node, not global rank 0: on several machines each has its own disk and Hugging Face cache.
+    """
+    with accelerator.local_main_process_first():
         return instantiate(cfg.model, dtype=dtype, device=accelerator.device, encoders=encoders)
 
 
-def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path) -> Run:
+def speed_up_unet(unet: torch.nn.Module, trainer: TrainerConfig) -> None:
+    """``trainer.channels_last`` (NHWC weights) and ``trainer.compile`` (torch.compile, in place)."""
+    if trainer.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if trainer.compile:
+        unet.compile()  # in place: state-dict names, hooks and the pipeline's reference stay the same
+
+
+def prepare_model(base: BaseModel, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  accelerator: Accelerator, shard: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """DDP-wrapped base + adapter, or (FSDP) the UNet sharded by ``train.sharding`` and only the optimizer prepared."""
+    if not shard:
+        return accelerator.prepare(adapted_model(base, adapter), optimizer)
+    model = shard_frozen_unet(base.unet, adapter, accelerator.device, accelerator.autocast)
+    return model, accelerator.prepare(optimizer)
+
+
+def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path,
+              shard: bool = False) -> Run:
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
@@ -67,9 +106,10 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
         denoiser(base).enable_gradient_checkpointing()
     blocks = settings.blocks if settings.blocks is not None else target_blocks(cfg.blocks, base.family)
     adapter = instantiate(cfg.adapter)(base, blocks=blocks)
+    speed_up_unet(denoiser(base), trainer)  # after the adapter, so its processors are compiled with the UNet
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
-    model, optimizer = accelerator.prepare(adapted_model(base, adapter), optimizer)
+    model, optimizer = prepare_model(base, adapter, optimizer, accelerator, shard)
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
     task = task_for(base, model, adapter, generator, settings)
@@ -144,6 +184,8 @@ def restore(run: Run, folder: Path) -> None:
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     check_compatible(trainer_state["identity"], run.identity, folder)
     load_parts(folder, run.parts(), run.accelerator.process_index, run.rank_part())
+    if run.ema is not None and not (folder / "ema.json").is_file():  # killed before the EMA was written
+        run.ema = EMA(run.adapter, run.ema.decay)
     run.step = int(trainer_state["step"])
     run.summary["resumed_from"] = str(folder)
     log.info("resumed from %s at step %d", folder, run.step)
@@ -185,8 +227,10 @@ def train(cfg: DictConfig) -> Run | None:
     settings = check_config(cfg)
     run_dir = Path(cfg.output_dir)
     trackers = instantiate(cfg.logger, run_dir=str(run_dir))
+    backend = take_over_sharding()  # before the Accelerator, which then runs data parallel underneath
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
-    check_distributed(str(accelerator.distributed_type).split(".")[-1])
+    enable_tf32(settings.trainer)
+    shard = check_distributed(backend, accelerator.num_processes)
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
     lock = RunLock(run_dir)  # held by the main process until train returns (or the process dies)
     try:
@@ -195,18 +239,18 @@ def train(cfg: DictConfig) -> Run | None:
         if start.done:
             log.info("already done: %s (step %d)", run_dir / EXPORT_NAME, start.step)
             return None
-        return run_training(cfg, settings, accelerator, trackers, manager, start.folder)
+        return run_training(cfg, settings, accelerator, trackers, manager, start.folder, shard)
     finally:
         lock.release()
 
 
 def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, trackers: Trackers,
-                 manager: CheckpointManager, folder: Path | None) -> Run:
+                 manager: CheckpointManager, folder: Path | None, shard: bool = False) -> Run:
     """Build, resume, fit and export, once ``train`` holds the output_dir."""
     from train.loop import fit
 
     run_dir = manager.root.parent
-    run = build_run(cfg, settings, accelerator, run_dir)
+    run = build_run(cfg, settings, accelerator, run_dir, shard=shard)
     if folder is not None:
         restore(run, folder)
     if accelerator.is_main_process:
@@ -216,8 +260,9 @@ def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, 
     fit(run, manager)
     if not run.summary.get("preempted"):
         check_finite(run.parts(), "export")  # on every rank, so they stop together
-        if accelerator.is_main_process:
-            run.summary["export"] = str(export_final(run))
+        with whole_unet(run.model):  # FSDP: the export copies untrained layers' weights from the UNet
+            if accelerator.is_main_process:
+                run.summary["export"] = str(export_final(run))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
     accelerator.wait_for_everyone()
