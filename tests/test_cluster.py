@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import train.checkpoint as checkpoint
 import train.loop as loop
+import train.task as task_module
 from train.config import TrainerConfig, choose_precision, compose, resolve_precision
 from train.ema import EMA
 from train.loggers import Trackers
@@ -86,7 +87,7 @@ def test_base_is_loaded_first_by_each_nodes_local_main_process():
     accelerator = SimpleNamespace(device="cpu", local_main_process_first=lambda: first("local"),
                                   main_process_first=lambda: first("global"))
     cfg = OmegaConf.create({"model": {"_target_": "builtins.dict"}})  # returns the builder's arguments
-    assert load_base_once(cfg, accelerator, torch.float16) == {"dtype": torch.float16, "device": "cpu"}
+    assert load_base_once(cfg, accelerator, torch.float16) == {"dtype": torch.float16, "device": "cpu", "encoders": True}
     assert entered == ["local"]
 
 
@@ -144,7 +145,7 @@ def test_loss_and_grad_norm_sync_only_on_log_steps_and_speed_flags_reach_the_une
 
     SyncProbe.syncs.clear()
     SyncProbe.step[0] = 0
-    task_call, clip, step, agreed = loop.DiffusionTask.__call__, Accelerator.clip_grad_norm_, loop.train_step, \
+    task_call, clip, step, agreed = task_module.DiffusionTask.__call__, Accelerator.clip_grad_norm_, loop.train_step, \
         loop.StopSignal.agreed
     votes, compiled = [], []
 
@@ -156,7 +157,7 @@ def test_loss_and_grad_norm_sync_only_on_log_steps_and_speed_flags_reach_the_une
         SyncProbe.step[0] += 1
         return step(*args)
 
-    monkeypatch.setattr(loop.DiffusionTask, "__call__", probed_task)
+    monkeypatch.setattr(task_module.DiffusionTask, "__call__", probed_task)
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda *a, **k: clip(*a, **k).as_subclass(SyncProbe))
     monkeypatch.setattr(loop, "train_step", counted_step)
     monkeypatch.setattr(loop.StopSignal, "agreed",
@@ -237,16 +238,16 @@ def test_preemption_checkpoint_is_usable_before_optimizer_and_ema_are_written(re
     ref_dir, _ref = reference
     out = tmp_path / "run"
     cfg = compose(tiny_overrides(tiny_model_dir, shards, out, *RUN_ARGS, "trainer.stop_check_every=1"))
-    written, write = [], checkpoint.write_state
+    written, write = [], checkpoint._write_encoded
 
-    def killed_at_optimizer(folder, name, state):
+    def killed_at_optimizer(folder, name, tree, tensors):
         written.append(name)
         if name == "optimizer":
             raise Killed
-        write(folder, name, state)
+        write(folder, name, tree, tensors)
 
     monkeypatch.setattr(loop.StopSignal, "agreed", lambda self, acc: True)  # signalled in step 1
-    monkeypatch.setattr(checkpoint, "write_state", killed_at_optimizer)
+    monkeypatch.setattr(checkpoint, "_write_encoded", killed_at_optimizer)
     with pytest.raises(Killed):
         train(cfg)
     monkeypatch.undo()
@@ -281,13 +282,13 @@ if rank == 0 and mode == "validation":  # rank 1 is signalled while rank 0 gener
     evaluate = loop.evaluate_live
     loop.evaluate_live = lambda *a: signal_ranks() or evaluate(*a)
 if rank == 0 and mode == "checkpoint":  # both ranks are signalled in the middle of a checkpoint write
-    write = checkpoint.write_state
-    def signalled_write(folder, name, state):
+    write = checkpoint._write_encoded
+    def signalled_write(folder, name, tree, tensors):
         if name == "optimizer" and name not in saves:
             signal_ranks(os.getpid())
         saves.append(name)
-        write(folder, name, state)
-    checkpoint.write_state = signalled_write
+        write(folder, name, tree, tensors)
+    checkpoint._write_encoded = signalled_write
 import train.training as training
 export, live = training.export_final, {}
 def export_after_copy(run):  # the export puts EMA weights into rank 0's adapter; keep the live ones
