@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 import train.checkpoint as checkpoint, train.training as trainer
 from train.config import compose
 out, calls = sys.argv[1], []
-save, export = checkpoint.CheckpointManager.save, trainer.export_safetensors
+save, export = checkpoint.CheckpointManager.save, trainer.export_adapter
 checkpoint.CheckpointManager.save = lambda self, *a, **k: calls.append("checkpoint") or save(self, *a, **k)
-trainer.export_safetensors = lambda *a, **k: calls.append("export") or export(*a, **k)
+trainer.export_adapter = lambda *a, **k: calls.append("export") or export(*a, **k)
 run = trainer.train(compose(sys.argv[2:]))
 rank = run.accelerator.process_index
 save_file({k: v.contiguous() for k, v in run.adapter.state_dict().items()}, f"{out}/rank{rank}.safetensors")
