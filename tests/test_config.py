@@ -85,6 +85,7 @@ def mismatched_encoder(tmp_path) -> str:
     ("data.shards=/nonexistent/000.tar", "data.shards: /nonexistent/000.tar does not exist"),
     ("trainer.batch_size=0", "trainer.batch_size must be ≥ 1 (got 0)"),
     ("trainer.lr_scheduler=step", "trainer.lr_scheduler='step' — valid: constant, cosine, linear"),
+    ("blocks.preset=bogus", "blocks.preset='bogus' — valid: style, layout, style_layout, all"),
     ("resume=/nonexistent", "resume=/nonexistent: not a complete checkpoint folder"),
     ("ENCODER", "content subtraction needs image and text embeddings in one space"),
 ])
