@@ -95,25 +95,26 @@ def recipe_table(summary: list[dict]) -> str:
 
 
 def recipe_plot(summary: list[dict], path: Path) -> None:
-    """Style (palette match) against content leakage per recipe, with 95% intervals, one colour per block set."""
+    """One row per cell, two panels (style ↑, leakage ↓): mean and 95% interval over seeds, no overlapping labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for blocks, colour in zip(dict.fromkeys(s["blocks"] for s in summary), ("tab:blue", "tab:orange", "tab:green")):
-        for s in (s for s in summary if s["blocks"] == blocks):
-            ax.errorbar(s["content_leakage"], s["palette_match"], xerr=s["content_leakage_ci"],
-                        yerr=s["palette_match_ci"], fmt="o", color=colour, capsize=3)
-            label = s["recipe"] + (f" (λ={s['inference_subtraction']:g} at inference)" if s["inference_subtraction"] else "")
-            ax.annotate(label, (s["content_leakage"], s["palette_match"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        ax.plot([], [], "o", color=colour, label=blocks)
-    ax.set_xlabel("content leakage ↓ (reference's shape drawn)")
-    ax.set_ylabel("palette match ↑ (reference's style)")
-    ax.set_title("Toy world: style vs leakage per training recipe (mean, 95% CI over seeds)")
-    ax.legend(title="blocks")
+    labels = [f"{'style block' if s['blocks'] != 'all' else 'all blocks'} · {s['recipe']}"
+              + (f" · λ={s['inference_subtraction']:g} at inference" if s["inference_subtraction"] else "")
+              for s in summary]
+    colours = ["tab:blue" if s["blocks"] != "all" else "tab:orange" for s in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.42 * len(summary) + 1.6), sharey=True)
+    rows = list(range(len(summary)))[::-1]
+    for ax, (key, title) in zip(axes, (("palette_match", "palette match ↑ (reference's style)"),
+                                      ("content_leakage", "content leakage ↓ (reference's shape drawn)"))):
+        for y, s, colour in zip(rows, summary, colours):
+            ax.errorbar(s[key], y, xerr=s[key + "_ci"], fmt="o", color=colour, capsize=3)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(rows, labels, fontsize=8)
+    fig.suptitle(f"Toy world: training recipes (mean and 95% CI over {summary[0]['seeds']} seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,7 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refs", type=int, default=8, help="style references")
     p.add_argument("--per-ref", type=int, default=3, help="prompted shapes per reference")
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/recipe.md and recipe.png from recipe.json")
     args = p.parse_args(argv)
+    if args.replot:
+        summary = json.loads((Path(args.out) / "recipe.json").read_text())["summary"]
+        (Path(args.out) / "recipe.md").write_text(recipe_table(summary))
+        recipe_plot(summary, Path(args.out) / "recipe.png")
+        return
     try:
         cells = parse_cells(args.cells)
     except ValueError as err:
