@@ -86,14 +86,16 @@ def mismatched_encoder(tmp_path) -> str:
     ("trainer.batch_size=0", "trainer.batch_size must be ≥ 1 (got 0)"),
     ("trainer.lr_scheduler=step", "trainer.lr_scheduler='step' — valid: constant, cosine, linear"),
     ("blocks.preset=bogus", "blocks.preset='bogus' — valid: style, layout, style_layout, all"),
+    ("PLUS", "trainer.content_scale=0.5 needs adapter=ip_adapter"),
     ("resume=/nonexistent", "resume=/nonexistent: not a complete checkpoint folder"),
     ("ENCODER", "content subtraction needs image and text embeddings in one space"),
 ])
 def test_bad_config_is_one_line_error(tiny_model_dir, shards, tmp_path, override, message):
     if override == "ENCODER":
         override = f"model.image_encoder={mismatched_encoder(tmp_path)}"
+    extra = ["adapter=ip_adapter_plus", "trainer.content_scale=0.5"] if override == "PLUS" else [override]
     with pytest.raises(ConfigError) as err:
-        validate_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), override]))
+        validate_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), *extra]))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 

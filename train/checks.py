@@ -245,6 +245,9 @@ def check_config(cfg: DictConfig) -> Settings:
     check_output_dir(str(cfg.output_dir))
     trainer = resolve_precision(section(cfg.trainer, "trainer", TrainerConfig))  # "auto" → no/fp16/bf16
     adapter_type = str(cfg.adapter.type)
+    if trainer.content_scale and adapter_type != "ip_adapter":
+        raise ConfigError(f"trainer.content_scale={trainer.content_scale} needs adapter=ip_adapter ({adapter_type} "
+                          "reads the image encoder's hidden states, which are not in the text space)")
     for name, schema in (("adapter", AdapterConfig), ("logger", LoggerConfig), ("optim", OptimConfig)):
         section(cfg[name], name, schema)  # their range checks
     validation = section(cfg.get("validation"), "validation", ValidationConfig)
