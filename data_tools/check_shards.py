@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from data_tools.buckets import bucket_histogram, format_histogram, sdxl_buckets
 from data_tools.shards import (BadSample, NotATar, TruncatedTar, decode_caption, decode_meta, decode_rgb,
                                expand_shards, image_member, iter_samples, manifest_counts, open_image, open_shard)
 from instantstyle.generate import HelpFormatter
@@ -105,6 +106,8 @@ def print_report(reports: list[ShardReport]) -> int:
         print(f"  {label:>10}: {n}")
     small = sum(min(s) < 1024 for s in sizes)
     print(f"  ({small} of {len(sizes)} have a shorter side < 1024 and get upscaled at SDXL resolution)\n")
+    print("SDXL aspect buckets around 1024² (data.buckets=sdxl):")
+    print(format_histogram(bucket_histogram(sizes, sdxl_buckets(1024))) + "\n")
     words = [w for r in reports for w in r.caption_words]
     if words:
         print(f"caption words: min {min(words)}, median {statistics.median(words):g}, "

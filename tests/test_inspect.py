@@ -26,6 +26,8 @@ def test_clean_shards_pass(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "00002.tar                       2     0" in out and "total                          12     0" in out
     assert "< 256: 12" in out and "all samples decode" in out
+    # Square synthetic images all fall in SDXL's square bucket.
+    assert "SDXL aspect buckets" in out and " 1024×1024  (1.00): 12" in out
 
 
 def test_corrupted_samples_and_truncated_tar_fail_with_names(tmp_path, capsys):
