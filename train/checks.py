@@ -171,6 +171,8 @@ def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: Vali
     from train.flux_builders import check_flux_config, is_flux
 
     if is_flux(cfg.model):
+        if data.cached:
+            raise ConfigError("data=cached holds SDXL encoder outputs; FLUX training encodes live (use data=webdataset)")
         return check_flux_config(cfg, trainer, validation)
     return check_model(cfg.model, cfg.blocks, data.clip_image_size)
 
@@ -255,7 +257,7 @@ def check_config(cfg: DictConfig) -> Settings:
     encoders = load_validation_encoders(validation)
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
-    if data.cached:  # datascale: the embedding cache must fit the model, adapter and data config
+    if data.cached:  # the embedding cache must fit the model, adapter and data config
         from train.cached_data import check_cache
 
         check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),

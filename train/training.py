@@ -99,7 +99,7 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
-    base = load_base_once(cfg, accelerator, trainer.weight_dtype, encoders=not settings.data.cached)  # datascale: cache = UNet only
+    base = load_base_once(cfg, accelerator, trainer.weight_dtype, encoders=not settings.data.cached)  # an embedding cache needs the UNet only
     if trainer.mixed_precision == "fp16":
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
