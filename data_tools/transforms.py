@@ -25,6 +25,7 @@ class PreparedImage:
     clip_pixels: np.ndarray
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    decoded: Image.Image | None = None  # the whole decoded image, kept when an independent reference is cut from it
 
 
 def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
@@ -52,7 +53,8 @@ def crop_top_left(width: int, height: int, resolution: int, rng: np.random.Gener
 
 
 def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: int, *, random_crop: bool = False,
-                  random_flip: bool = False, rng: np.random.Generator | None = None) -> PreparedImage:
+                  random_flip: bool = False, rng: np.random.Generator | None = None,
+                  keep_decoded: bool = False) -> PreparedImage:
     """Decode (at reduced JPEG scale when possible), resize to cover `size` (side or (w, h)), crop, maybe flip; CLIP view."""
     target_w, target_h = (size, size) if isinstance(size, int) else size
     width, height = image.size
@@ -70,7 +72,8 @@ def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: in
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         # After mirroring, what was cut on the right is what is now cut on the left.
         left = new_w - left - target_w
-    return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left))
+    return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left),
+                         image if keep_decoded else None)
 
 
 def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:

@@ -286,3 +286,26 @@ def test_all_bad_data_raises_instead_of_hanging(tmp_path):
     (tmp_path / "00000.tar").write_bytes(tar_bytes([Sample(f"{i}", {"txt": b"no image"}) for i in range(3)]))
     with pytest.raises(RuntimeError, match="no decodable sample"):
         take(build_train_loader(data_cfg(tmp_path), batch_size=1, seed=0, rank=0, world_size=1), 1)
+
+
+def test_reference_augmentation_changes_only_what_the_image_encoder_sees(tmp_path):
+    make_dataset(tmp_path, 2, 6)
+    plain = take(build_train_loader(data_cfg(tmp_path), batch_size=4, seed=5, rank=0, world_size=1), 2)
+    shuffled = take(build_train_loader(data_cfg(tmp_path, reference_shuffle_grid=4), batch_size=4, seed=5, rank=0,
+                                       world_size=1), 2)
+    cropped = take(build_train_loader(data_cfg(tmp_path, reference_crop=[0.2, 0.4]), batch_size=4, seed=5, rank=0,
+                                      world_size=1), 2)
+    for a, s, c in zip(plain, shuffled, cropped):
+        # Same samples, targets, conditioning and dropout draws: the augmentation is drawn last.
+        for key in ("keys", "captions"):
+            assert a[key] == s[key] == c[key]
+        for key in ("pixel_values", "drop_image", "crop_coords_top_left"):
+            assert torch.equal(a[key], s[key]) and torch.equal(a[key], c[key])
+        ref, shuf, crop = a["clip_pixel_values"], s["clip_pixel_values"], c["clip_pixel_values"]
+        assert crop.shape == ref.shape == shuf.shape  # the encoder's size either way
+        # Patch shuffle permutes tiles: every pixel kept (same colour histogram), layout changed.
+        assert torch.equal(torch.sort(shuf.reshape(len(shuf), -1, 3), dim=1).values,
+                           torch.sort(ref.reshape(len(ref), -1, 3), dim=1).values)
+        assert not torch.equal(shuf, ref) and not torch.equal(crop, ref)
+    with pytest.raises(ValueError, match=r"data.reference_crop=\[0.5, 0.2\] — give \[low, high\]"):
+        section(data_cfg(tmp_path, reference_crop=[0.5, 0.2]), "data", DataConfig)

@@ -99,6 +99,11 @@ class DataConfig:
     # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
     buckets: Any = "none"
     cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
+    # Reference augmentation (instantstyle/augment.py), all off by default: what the image encoder sees is
+    # cut from the same image as the target but need not share its layout (README, "A training recipe").
+    reference_crop: Optional[List[float]] = None  # [low, high] area fraction of an independent square crop
+    reference_flip_prob: float = 0.0              # horizontal flip of the reference
+    reference_shuffle_grid: int = 1               # N×N patch shuffle of the reference (1 = off)
 
     def __post_init__(self) -> None:
         drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
@@ -111,6 +116,11 @@ class DataConfig:
             (self.prefetch_factor >= 1, "data.prefetch_factor must be ≥ 1"),
             (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
             (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
+            (self.reference_crop is None or (len(self.reference_crop) == 2
+                                             and 0 < self.reference_crop[0] <= self.reference_crop[1] <= 1),
+             f"data.reference_crop={self.reference_crop} — give [low, high] with 0 < low ≤ high ≤ 1, or null"),
+            (0 <= self.reference_flip_prob <= 1 and self.reference_shuffle_grid >= 1,
+             "data.reference_flip_prob must be in [0, 1] and data.reference_shuffle_grid ≥ 1"),
             (_buckets_ok(self.buckets), f"data.buckets={self.buckets!r} — valid: none, sdxl, or a list of "
                                         "[width, height] pairs, positive multiples of 8, e.g. [[1024, 1024], [1152, 896]]"),
         ])

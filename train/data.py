@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
-from data_tools.transforms import original_size, prepare_image
+from data_tools.transforms import PreparedImage, original_size, prepare_image
+from instantstyle.augment import ReferenceAugment, augment_reference
 from train.data_stream import StreamPlan
 from train.config import DataConfig, section
 
@@ -52,12 +53,33 @@ def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     meta = decode_meta(raw.members)
     image = open_image(data, cfg.max_image_pixels)
     bucket = target_size(image.size, cfg)
-    prepared = prepare_image(image, bucket, cfg.clip_image_size,
-                             random_crop=cfg.random_crop, random_flip=cfg.random_flip, rng=rng)
+    prepared = prepare_image(image, bucket, cfg.clip_image_size, random_crop=cfg.random_crop,
+                             random_flip=cfg.random_flip, rng=rng, keep_decoded=cfg.reference_crop is not None)
     drop_image, drop_text = draw_drops(rng, cfg)
     return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
-            "pixels": prepared.pixels, "clip_pixels": prepared.clip_pixels, "bucket": bucket,
+            "pixels": prepared.pixels, "clip_pixels": reference_view(prepared, cfg, rng), "bucket": bucket,
             "original_size": original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+
+
+def reference_view(prepared: PreparedImage, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """What the image encoder sees: the target crop's CLIP view, or an augmented view of the same image.
+
+    Drawn after everything else, so with every augmentation off the sample stream is exactly as before.
+    """
+    augment = reference_augment(cfg)
+    if augment is None:
+        return prepared.clip_pixels
+    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
+    return augment_reference(source, augment, rng)
+
+
+def reference_augment(cfg: DataConfig) -> ReferenceAugment | None:
+    """The data config's reference augmentation, or None when it is all off."""
+    if cfg.reference_crop is None and not cfg.reference_flip_prob and cfg.reference_shuffle_grid <= 1:
+        return None
+    return ReferenceAugment(crop_scale=tuple(cfg.reference_crop) if cfg.reference_crop else None,
+                            crop_size=cfg.clip_image_size, flip_prob=cfg.reference_flip_prob,
+                            shuffle_grid=cfg.reference_shuffle_grid)
 
 
 @functools.lru_cache(maxsize=8)
