@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from train.data import DataConfig, draw_drops
+from train.config import DataConfig
+from train.dropout import draw_drops
 
 DRAWS = 20000
 

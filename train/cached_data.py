@@ -19,6 +19,7 @@ from data_tools.embedding_cache import TENSOR_KEYS, decode_sample as decode_memb
     load_empty_prompt, read_identity, source_id
 from data_tools.shards import BadSample, RawSample
 from train.config import ConfigError, DataConfig
+from train.dropout import draw_drops
 
 
 @functools.lru_cache(maxsize=4)
@@ -28,8 +29,6 @@ def _empty_prompt(folder: str) -> dict[str, torch.Tensor]:
 
 def decode_cached(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> dict:
     """Members of a cached sample → one example (tensors + conditioning); BadSample when it must be skipped."""
-    from train.data import draw_drops
-
     if raw.error:
         raise BadSample(raw.error)
     tensors, meta = decode_members(raw.members)

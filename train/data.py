@@ -27,21 +27,10 @@ from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta
 from data_tools.transforms import PreparedImage, original_size, prepare_image
 from instantstyle.augment import ReferenceAugment, augment_reference
 from train.data_stream import StreamPlan
+from train.dropout import draw_drops
 from train.config import DataConfig, section
 
 log = logging.getLogger(__name__)
-
-
-def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
-    """(drop_image, drop_text) for classifier-free guidance, IP-Adapter's exclusive bands."""
-    u = rng.random()
-    if u < cfg.drop_image_prob:
-        return True, False
-    if u < cfg.drop_image_prob + cfg.drop_text_prob:
-        return False, True
-    if u < cfg.drop_image_prob + cfg.drop_text_prob + cfg.drop_both_prob:
-        return True, True
-    return False, False
 
 
 def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> dict:

@@ -1,0 +1,19 @@
+"""Classifier-free-guidance dropout of a training sample, shared by the image and the cached loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from train.config import DataConfig
+
+
+def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
+    """(drop_image, drop_text) for classifier-free guidance, IP-Adapter's exclusive bands."""
+    u = rng.random()
+    if u < cfg.drop_image_prob:
+        return True, False
+    if u < cfg.drop_image_prob + cfg.drop_text_prob:
+        return False, True
+    if u < cfg.drop_image_prob + cfg.drop_text_prob + cfg.drop_both_prob:
+        return True, True
+    return False, False
