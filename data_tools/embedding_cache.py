@@ -9,7 +9,9 @@ embeddings, for text dropout). Each sample holds:
   training samples mean + std·ε anew each epoch, keeping the regularising noise the live VAE adds),
   `prompt_embeds` (both text encoders' penultimate hidden states, concatenated as the UNet takes
   them), `pooled_prompt_embeds` (SDXL), `image_features` (`image_embeds`, or the penultimate hidden
-  states for ip_adapter_plus);
+  states for ip_adapter_plus), and with `--reference-views K` also `image_feature_views` (K, …): the
+  image encoder's outputs for K augmented references (`instantstyle.augment`), one of which training
+  draws per sample and epoch when the data config turns reference augmentation on;
 - `KEY.json`: original_size, crop_top_left, target_size (SDXL conditioning), caption;
 - `KEY.txt`: the caption.
 Safetensors bytes hold only tensors: loading them can never run code.
@@ -32,6 +34,7 @@ CACHE_FORMAT = "instantstyle-embedding-cache"
 CACHE_VERSION = 1
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "image_features")
+VIEWS_KEY = "image_feature_views"
 # Identity entries that must match the training config; the rest (dtype, batch size) are informative.
 IDENTITY_KEYS = ("base_model", "image_encoder", "adapter_type", "resolution", "buckets", "clip_image_size",
                  "clip_mean", "clip_std")
@@ -39,9 +42,9 @@ IDENTITY_KEYS = ("base_model", "image_encoder", "adapter_type", "resolution", "b
 
 def cache_identity(*, base_model: str, image_encoder: str, adapter_type: str, resolution: int, buckets: Any,
                    clip_image_size: int, clip_mean, clip_std, dtype: str, encode_batch_size: int,
-                   scaling_factor: float) -> dict:
-    """The manifest's `options["cache"]`: what a cache was made from and how."""
-    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "base_model": base_model,
+                   scaling_factor: float, reference: dict | None = None) -> dict:
+    """The manifest's `options["cache"]`: what a cache was made from and how (``reference``: its augmented views)."""
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "base_model": base_model, "reference": reference,
             "image_encoder": image_encoder, "adapter_type": adapter_type, "resolution": resolution,
             "buckets": buckets, "clip_image_size": clip_image_size, "clip_mean": [float(v) for v in clip_mean],
             "clip_std": [float(v) for v in clip_std], "dtype": dtype, "encode_batch_size": encode_batch_size,

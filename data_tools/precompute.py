@@ -18,19 +18,22 @@ import argparse
 import logging
 import os
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from data_tools.buckets import nearest_bucket, parse_buckets
-from data_tools.embedding_cache import (cache_identity, encode_sample, identity_mismatch, read_identity,
+from data_tools.embedding_cache import (VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
                                         save_empty_prompt, source_id)
 from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, TruncatedTar, decode_caption, decode_meta,
                                expand_shards, image_member, iter_samples, open_image, open_shard, write_manifest,
                                write_shard)
 from data_tools.toy_data import CLIP_MEAN, CLIP_STD
 from data_tools.transforms import original_size, prepare_image
+from instantstyle.augment import ReferenceAugment, augment_reference
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
@@ -53,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "for values bitwise equal to live encoding")
     parser.add_argument("--dtype", default="fp16", choices=tuple(DTYPES), help="stored tensors (encoders run in fp32)")
     parser.add_argument("--max-image-pixels", type=int, default=178956970)
+    parser.add_argument("--reference-views", type=int, default=0,
+                        help="augmented reference views per image (0 = none); training draws one per sample and epoch")
+    parser.add_argument("--reference-crop", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="area fraction of the views' independent crop (data.reference_crop)")
+    parser.add_argument("--reference-flip-prob", type=float, default=0.0, help="(data.reference_flip_prob)")
+    parser.add_argument("--reference-shuffle-grid", type=int, default=1, help="(data.reference_shuffle_grid)")
     parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     return parser.parse_args(argv)
 
@@ -64,11 +73,32 @@ def prepare(raw, args: argparse.Namespace, buckets) -> dict:
     data, caption, meta = image_member(raw.members), decode_caption(raw.members), decode_meta(raw.members)
     image = open_image(data, args.max_image_pixels)
     size = (args.resolution,) * 2 if buckets is None else nearest_bucket(*image.size, buckets)
-    prepared = prepare_image(image, size, args.clip_image_size)
+    augment = reference_augment(args)
+    prepared = prepare_image(image, size, args.clip_image_size,
+                             keep_decoded=augment is not None and augment.crop_scale is not None)
+    views = reference_views(prepared, augment, args.reference_views, raw.key)
     return {"key": raw.key, "caption": caption, "pixels": torch.from_numpy(prepared.pixels.copy()),
-            "clip_pixels": torch.from_numpy(prepared.clip_pixels.copy()), "bucket": size,
+            "clip_pixels": torch.from_numpy(prepared.clip_pixels.copy()), "bucket": size, "views": views,
             "meta": {"key": raw.key, "caption": caption, "original_size": list(original_size(meta, prepared.original_size)),
                      "crop_top_left": list(prepared.crop_top_left), "target_size": [size[1], size[0]]}}
+
+
+def reference_augment(args: argparse.Namespace) -> ReferenceAugment | None:
+    """The views' augmentation, or None without ``--reference-views``."""
+    if args.reference_views < 1:
+        return None
+    return ReferenceAugment(crop_scale=tuple(args.reference_crop) if args.reference_crop else None,
+                            crop_size=args.clip_image_size, flip_prob=args.reference_flip_prob,
+                            shuffle_grid=args.reference_shuffle_grid)
+
+
+def reference_views(prepared, augment: ReferenceAugment | None, count: int, key: str) -> list[torch.Tensor]:
+    """``count`` augmented CLIP views of one image, from an RNG seeded by its key (deterministic, resumable)."""
+    if augment is None:
+        return []
+    rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
+    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
+    return [torch.from_numpy(np.ascontiguousarray(augment_reference(source, augment, rng))) for _ in range(count)]
 
 
 def read_shard(url: str, args: argparse.Namespace, buckets) -> list[dict]:
@@ -111,8 +141,23 @@ def encode_items(base: BaseModel, items: list[dict], args: argparse.Namespace) -
             out[i].update(prompt_embeds=embeds[row], image_features=features[row])
             if pooled is not None:
                 out[i]["pooled_prompt_embeds"] = pooled[row]
+    encode_views(base, items, out, args)
     dtype = DTYPES[args.dtype]
     return [{k: v.to(dtype) for k, v in tensors.items()} for tensors in out]
+
+
+def encode_views(base: BaseModel, items: list[dict], out: list[dict], args: argparse.Namespace) -> None:
+    """The image encoder's output for every augmented view, stacked per item as ``image_feature_views``."""
+    views = [(i, view) for i, item in enumerate(items) for view in item["views"]]
+    b, device, encoded = args.batch_size, base.unet.device, []
+    for start in range(0, len(views), b):
+        chunk = [view for _, view in views[start:start + b]]
+        clip = clip_input(pad_rows(torch.stack(chunk), b).to(device), CLIP_MEAN, CLIP_STD)
+        encoded += list(encode_image(base.image_encoder, clip, args.adapter_type)[:len(chunk)])
+    for i in range(len(items)):
+        mine = [feature for (j, _), feature in zip(views, encoded) if j == i]
+        if mine:
+            out[i][VIEWS_KEY] = torch.stack(mine)
 
 
 def cache_shard(base: BaseModel, url: str, target: Path, args: argparse.Namespace, buckets) -> int:
@@ -139,6 +184,14 @@ def count_samples(path: Path) -> int:
     return progress[0]
 
 
+def reference_identity(args: argparse.Namespace) -> dict | None:
+    """The views' settings as the manifest records them (training checks them against its data config)."""
+    if args.reference_views < 1:
+        return None
+    return {"views": args.reference_views, "crop": list(args.reference_crop) if args.reference_crop else None,
+            "flip_prob": args.reference_flip_prob, "shuffle_grid": args.reference_shuffle_grid}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; exit status 2 with one line on a usage mistake."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -163,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                               buckets=None if buckets is None else [list(b) for b in buckets],
                               clip_image_size=args.clip_image_size, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                               dtype=args.dtype, encode_batch_size=args.batch_size,
-                              scaling_factor=float(base.vae.config.scaling_factor))
+                              scaling_factor=float(base.vae.config.scaling_factor),
+                              reference=reference_identity(args))
     found = read_identity(args.out)
     mismatch = found and (identity_mismatch(found, identity) or
-                          (found.get("dtype"), found.get("encode_batch_size")) != (args.dtype, args.batch_size))
+                          (found.get("dtype"), found.get("encode_batch_size"), found.get("reference"))
+                          != (args.dtype, args.batch_size, identity["reference"]))
     if mismatch:
         print(f"error: {args.out} holds a cache made differently ({mismatch}); use another --out", file=sys.stderr)
         return 2

@@ -125,3 +125,23 @@ def test_train_from_cache_end_to_end(tiny_model_dir, cache, tmp_path):
     run = train(cfg)
     assert run.summary["step"] == 2 and run.summary["final_loss"] > 0 and (tmp_path / "run" / "ip-adapter.safetensors").is_file()
     assert run.base.vae.device.type == "meta" and run.base.image_encoder.device.type == "meta"
+
+
+def test_cached_augmented_views_serve_reference_augmentation(tiny_model_dir, shards, cache, tmp_path):
+    out = tmp_path / "views"
+    views = ("--reference-views", "3", "--reference-shuffle-grid", "4")
+    assert run_precompute(tiny_model_dir, shards, out, *views) == 0
+    assert read_identity(out)["reference"] == {"views": 3, "crop": None, "flip_prob": 0.0, "shuffle_grid": 4}
+    augmented = data_cfg(str(out), cached=True, reference_shuffle_grid=4)
+    plain_views = data_cfg(str(out), cached=True)
+    plain = data_cfg(str(cache), cached=True)
+    take = lambda cfg: next(iter(build_train_loader(cfg, batch_size=4, seed=3, rank=0, world_size=1)))  # noqa: E731
+    a, b, c = take(augmented), take(plain_views), take(plain)
+    assert a["keys"] == b["keys"] == c["keys"] and torch.equal(a["drop_image"], c["drop_image"])  # drawn last
+    assert torch.equal(b["image_features"], c["image_features"])  # augmentation off: the plain view, as before
+    assert not torch.equal(a["image_features"], c["image_features"])  # on: one of the augmented views
+    assert torch.equal(a["latent_mean"], c["latent_mean"])  # the target is untouched
+    cfg = compose(tiny_overrides(tiny_model_dir, str(cache), tmp_path / "run", "data=cached",
+                                 "data.reference_shuffle_grid=4"))
+    with pytest.raises(ConfigError, match="the cache has no augmented views"):
+        check_config(cfg)

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from data_tools.buckets import parse_buckets
-from data_tools.embedding_cache import TENSOR_KEYS, decode_sample as decode_members, identity_mismatch, \
+from data_tools.embedding_cache import TENSOR_KEYS, VIEWS_KEY, decode_sample as decode_members, identity_mismatch, \
     load_empty_prompt, read_identity, source_id
 from data_tools.shards import BadSample, RawSample
 from train.config import ConfigError, DataConfig
-from train.dropout import draw_drops
+from train.dropout import draw_drops, reference_augment
 
 
 @functools.lru_cache(maxsize=4)
@@ -35,6 +35,9 @@ def decode_cached(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     drop_image, drop_text = draw_drops(rng, cfg)
     if drop_text:
         tensors.update(_empty_prompt(os.path.dirname(raw.shard)))
+    views = tensors.pop(VIEWS_KEY, None)
+    if views is not None and reference_augment(cfg) is not None:  # one of the cached augmented views, drawn last
+        tensors["image_features"] = views[int(rng.integers(len(views)))]
     height, width = meta["target_size"]
     return {"key": raw.key, "caption": "" if drop_text else meta["caption"], "drop_image": drop_image,
             "tensors": tensors, "bucket": (width, height), "original_size": tuple(meta["original_size"]),
@@ -53,6 +56,18 @@ def collate_cached(examples: list[dict], cfg: DataConfig) -> dict:
         "keys": [e["key"] for e in examples],
     })
     return batch
+
+
+def reference_mismatch(views: dict | None, data: DataConfig) -> str | None:
+    """Why the cache's augmented views cannot serve the data config's reference augmentation (None: they can)."""
+    if reference_augment(data) is None:
+        return None
+    if views is None:
+        return "reference augmentation: the cache has no augmented views (precompute with --reference-views K)"
+    wanted = {"crop": list(data.reference_crop) if data.reference_crop else None,
+              "flip_prob": data.reference_flip_prob, "shuffle_grid": data.reference_shuffle_grid}
+    made = {k: views.get(k) for k in wanted}
+    return None if made == wanted else f"reference augmentation: cache {made}, config {wanted}"
 
 
 def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_encoder: str | None,
@@ -80,7 +95,7 @@ def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_enc
               "adapter_type": adapter_type, "resolution": data.resolution,
               "buckets": None if buckets is None else [list(b) for b in buckets],
               "clip_image_size": data.clip_image_size, "clip_mean": list(data.clip_mean), "clip_std": list(data.clip_std)}
-    mismatch = identity_mismatch(found, wanted)
+    mismatch = identity_mismatch(found, wanted) or reference_mismatch(found.get("reference"), data)
     if mismatch:
         raise ConfigError(f"data.shards: the cache in {folder} was made for another setup ({mismatch}); "
                           "precompute it for this config or train from images with data=webdataset")

@@ -262,9 +262,6 @@ def check_config(cfg: DictConfig) -> Settings:
 
         check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
                     adapter_type=adapter_type)
-        if data.reference_crop is not None or data.reference_flip_prob or data.reference_shuffle_grid > 1:
-            raise ConfigError("data.reference_* augmentation works on images; a cache holds fixed embeddings "
-                              "(set them off with data=cached, or train from image shards)")
         if validation.enabled:
             raise ConfigError("validation.every generates images, which needs the encoders that data=cached does "
                               "not load; set validation.every=0 (trainer.validate_every still works)")

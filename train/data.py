@@ -25,9 +25,9 @@ from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
 from data_tools.transforms import PreparedImage, original_size, prepare_image
-from instantstyle.augment import ReferenceAugment, augment_reference
+from instantstyle.augment import augment_reference
 from train.data_stream import StreamPlan
-from train.dropout import draw_drops
+from train.dropout import draw_drops, reference_augment
 from train.config import DataConfig, section
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ def reference_view(prepared: PreparedImage, cfg: DataConfig, rng: np.random.Gene
         return prepared.clip_pixels
     source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
     return augment_reference(source, augment, rng)
-
-
-def reference_augment(cfg: DataConfig) -> ReferenceAugment | None:
-    """The data config's reference augmentation, or None when it is all off."""
-    if cfg.reference_crop is None and not cfg.reference_flip_prob and cfg.reference_shuffle_grid <= 1:
-        return None
-    return ReferenceAugment(crop_scale=tuple(cfg.reference_crop) if cfg.reference_crop else None,
-                            crop_size=cfg.clip_image_size, flip_prob=cfg.reference_flip_prob,
-                            shuffle_grid=cfg.reference_shuffle_grid)
 
 
 @functools.lru_cache(maxsize=8)

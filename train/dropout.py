@@ -1,9 +1,10 @@
-"""Classifier-free-guidance dropout of a training sample, shared by the image and the cached loaders."""
+"""Per-sample random choices shared by the image and the cached loaders: CFG dropout, reference augmentation."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from instantstyle.augment import ReferenceAugment
 from train.config import DataConfig
 
 
@@ -17,3 +18,12 @@ def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
     if u < cfg.drop_image_prob + cfg.drop_text_prob + cfg.drop_both_prob:
         return True, True
     return False, False
+
+
+def reference_augment(cfg: DataConfig) -> ReferenceAugment | None:
+    """The data config's reference augmentation, or None when it is all off."""
+    if cfg.reference_crop is None and not cfg.reference_flip_prob and cfg.reference_shuffle_grid <= 1:
+        return None
+    return ReferenceAugment(crop_scale=tuple(cfg.reference_crop) if cfg.reference_crop else None,
+                            crop_size=cfg.clip_image_size, flip_prob=cfg.reference_flip_prob,
+                            shuffle_grid=cfg.reference_shuffle_grid)
