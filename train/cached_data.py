@@ -18,6 +18,7 @@ from data_tools.buckets import parse_buckets
 from data_tools.embedding_cache import TENSOR_KEYS, VIEWS_KEY, decode_sample as decode_members, identity_mismatch, \
     load_empty_prompt, read_identity, source_id
 from data_tools.shards import BadSample, RawSample
+from train.batch import conditioning
 from train.config import ConfigError, DataConfig
 from train.dropout import draw_drops, reference_augment
 
@@ -47,15 +48,7 @@ def decode_cached(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
 def collate_cached(examples: list[dict], cfg: DataConfig) -> dict:
     """Stack cached examples: the encoder outputs plus the same conditioning fields as an image batch."""
     batch = {k: torch.stack([e["tensors"][k] for e in examples]) for k in TENSOR_KEYS if k in examples[0]["tensors"]}
-    batch.update({
-        "captions": [e["caption"] for e in examples],
-        "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
-        "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
-        "crop_coords_top_left": torch.tensor([e["crop"] for e in examples], dtype=torch.long),
-        "target_size": torch.tensor([[e["bucket"][1], e["bucket"][0]] for e in examples], dtype=torch.long),
-        "keys": [e["key"] for e in examples],
-    })
-    return batch
+    return {**batch, **conditioning(examples)}
 
 
 def reference_mismatch(views: dict | None, data: DataConfig) -> str | None:

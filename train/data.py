@@ -28,6 +28,7 @@ from data_tools.transforms import PreparedImage, original_size, prepare_image
 from instantstyle.augment import augment_reference
 from train.data_stream import StreamPlan
 from train.dropout import draw_drops, reference_augment
+from train.batch import conditioning
 from train.config import DataConfig, section
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,7 @@ def collate(examples: list[dict], cfg: DataConfig) -> dict:
     return {
         "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
         "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
-        "captions": [e["caption"] for e in examples],
-        "drop_image": torch.tensor([e["drop_image"] for e in examples], dtype=torch.bool),
-        "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
-        "crop_coords_top_left": torch.tensor([e["crop"] for e in examples], dtype=torch.long),
-        "target_size": torch.tensor([[e["bucket"][1], e["bucket"][0]] for e in examples], dtype=torch.long),
-        "keys": [e["key"] for e in examples],
+        **conditioning(examples),
     }
 
 
