@@ -26,10 +26,10 @@ from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta
                                shard_sample_counts)
 from data_tools.transforms import PreparedImage, original_size, prepare_image
 from instantstyle.augment import augment_reference
-from train.data_stream import StreamPlan
-from train.dropout import draw_drops, reference_augment
 from train.batch import conditioning
 from train.config import DataConfig, section
+from train.data_stream import StreamPlan
+from train.dropout import draw_drops, reference_augment
 
 log = logging.getLogger(__name__)
 
