@@ -32,8 +32,8 @@ from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, Truncat
                                expand_shards, image_member, iter_samples, open_image, open_shard, write_manifest,
                                write_shard)
 from data_tools.toy_data import CLIP_MEAN, CLIP_STD
-from data_tools.transforms import original_size, prepare_image
-from instantstyle.augment import ReferenceAugment, augment_reference
+from data_tools.transforms import augmented_view, original_size, prepare_image
+from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
@@ -87,9 +87,8 @@ def reference_augment(args: argparse.Namespace) -> ReferenceAugment | None:
     """The views' augmentation, or None without ``--reference-views``."""
     if args.reference_views < 1:
         return None
-    return ReferenceAugment(crop_scale=tuple(args.reference_crop) if args.reference_crop else None,
-                            crop_size=args.clip_image_size, flip_prob=args.reference_flip_prob,
-                            shuffle_grid=args.reference_shuffle_grid)
+    return ReferenceAugment.of(args.reference_crop, args.reference_flip_prob, args.reference_shuffle_grid,
+                               args.clip_image_size)
 
 
 def reference_views(prepared, augment: ReferenceAugment | None, count: int, key: str) -> list[torch.Tensor]:
@@ -97,8 +96,7 @@ def reference_views(prepared, augment: ReferenceAugment | None, count: int, key:
     if augment is None:
         return []
     rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
-    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
-    return [torch.from_numpy(np.ascontiguousarray(augment_reference(source, augment, rng))) for _ in range(count)]
+    return [torch.from_numpy(np.ascontiguousarray(augmented_view(prepared, augment, rng))) for _ in range(count)]
 
 
 def read_shard(url: str, args: argparse.Namespace, buckets) -> list[dict]:

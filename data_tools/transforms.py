@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.shards import decode_rgb
+from instantstyle.augment import ReferenceAugment, augment_reference
 
 
 @dataclass
@@ -74,6 +75,12 @@ def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: in
         left = new_w - left - target_w
     return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left),
                          image if keep_decoded else None)
+
+
+def augmented_view(prepared: PreparedImage, augment: ReferenceAugment, rng: np.random.Generator) -> np.ndarray:
+    """An augmented reference for the image encoder: cut from the whole image when the crop is on, else the CLIP view."""
+    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
+    return augment_reference(source, augment, rng)
 
 
 def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:

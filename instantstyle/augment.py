@@ -18,6 +18,7 @@ is cut from: the whole decoded image when the independent crop is on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,13 @@ class ReferenceAugment:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.shuffle_grid < 1:
             raise ValueError(f"shuffle_grid must be >= 1, got {self.shuffle_grid}")
+
+    @classmethod
+    def of(cls, crop: Sequence[float] | None, flip_prob: float, shuffle_grid: int, size: int) -> "ReferenceAugment | None":
+        """The chain for these settings (a data config's or precompute's), or None when every step is off."""
+        if crop is None and not flip_prob and shuffle_grid <= 1:
+            return None
+        return cls(tuple(crop) if crop else None, size, flip_prob, shuffle_grid)
 
 
 def _check_image(image: np.ndarray) -> None:

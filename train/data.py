@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
                                shard_sample_counts)
-from data_tools.transforms import PreparedImage, original_size, prepare_image
-from instantstyle.augment import augment_reference
+from data_tools.transforms import PreparedImage, augmented_view, original_size, prepare_image
 from train.batch import conditioning
 from train.config import DataConfig, section
 from train.data_stream import StreamPlan
@@ -57,10 +56,7 @@ def reference_view(prepared: PreparedImage, cfg: DataConfig, rng: np.random.Gene
     Drawn after everything else, so with every augmentation off the sample stream is exactly as before.
     """
     augment = reference_augment(cfg)
-    if augment is None:
-        return prepared.clip_pixels
-    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
-    return augment_reference(source, augment, rng)
+    return prepared.clip_pixels if augment is None else augmented_view(prepared, augment, rng)
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,8 +22,5 @@ def draw_drops(rng: np.random.Generator, cfg: DataConfig) -> tuple[bool, bool]:
 
 def reference_augment(cfg: DataConfig) -> ReferenceAugment | None:
     """The data config's reference augmentation, or None when it is all off."""
-    if cfg.reference_crop is None and not cfg.reference_flip_prob and cfg.reference_shuffle_grid <= 1:
-        return None
-    return ReferenceAugment(crop_scale=tuple(cfg.reference_crop) if cfg.reference_crop else None,
-                            crop_size=cfg.clip_image_size, flip_prob=cfg.reference_flip_prob,
-                            shuffle_grid=cfg.reference_shuffle_grid)
+    return ReferenceAugment.of(cfg.reference_crop, cfg.reference_flip_prob, cfg.reference_shuffle_grid,
+                               cfg.clip_image_size)
