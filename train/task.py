@@ -118,12 +118,15 @@ class DiffusionTask:
 
     def _cached(self, batch: dict) -> tuple:
         """The precomputed outputs, in the dtypes the (unloaded) encoders would have produced."""
-        b, dev = self.base, self.device
-        pooled = batch.get("pooled_prompt_embeds")
-        return (batch["latent_mean"].to(dev, b.vae.dtype), batch["latent_std"].to(dev, b.vae.dtype),
-                batch["prompt_embeds"].to(dev, b.text_encoder.dtype),
-                None if pooled is None else pooled.to(dev, b.text_encoder.dtype),
-                batch["image_features"].to(dev, b.image_encoder.dtype))
+        b = self.base
+
+        def moved(key: str, dtype: torch.dtype) -> torch.Tensor | None:
+            tensor = batch.get(key)  # pinned on CUDA by the loader, like the pixels: copies overlap compute
+            return None if tensor is None else tensor.to(self.device, dtype, non_blocking=True)
+
+        return (moved("latent_mean", b.vae.dtype), moved("latent_std", b.vae.dtype),
+                moved("prompt_embeds", b.text_encoder.dtype), moved("pooled_prompt_embeds", b.text_encoder.dtype),
+                moved("image_features", b.image_encoder.dtype))
 
     def add_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, timesteps, noisy latents), drawn from this rank's generator."""
