@@ -1,7 +1,8 @@
 """The few places where training differs by base family (SDXL/SD 1.5 UNet vs FLUX transformer), one function each.
 
-``build_run``, ``export_final`` and the config check call these; everything else (loop,
-optimizer, EMA, checkpoints, data) is shared.
+``build_run``, ``export_final`` and the config check call these. The two config groups whose builders
+differ by family choose at their own entry (``train.builders.build_adapter``, ``train.checks.target_blocks``);
+everything else (loop, optimizer, EMA, checkpoints, data) is shared.
 """
 
 from __future__ import annotations
