@@ -1,4 +1,7 @@
-"""The packages depend one way: instantstyle (library) ← data_tools (tools, shard format) ← train."""
+"""The packages depend one way: instantstyle (library) ← data_tools (tools, shard format) ← train ← benchmarks.
+
+``benchmarks/`` measures the product and sits on top: no product package ever imports it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Bottom to top: a package may import itself and the packages listed before it, never one after it.
-LAYERS = ("instantstyle", "data_tools", "train")
+LAYERS = ("instantstyle", "data_tools", "train", "benchmarks")
 
 
 def imported_packages(path: Path) -> set[tuple[int, str]]:
@@ -42,4 +45,15 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     (tmp_path / "instantstyle" / "bad.py").write_text("def f():\n    from train.task import build_base\n")
     (tmp_path / "data_tools" / "also_bad.py").write_text("import train.data\n")
     (tmp_path / "train" / "fine.py").write_text("from data_tools.shards import open_shard\nimport instantstyle\n")
-    assert violations(tmp_path) == ["instantstyle/bad.py:2 imports train", "data_tools/also_bad.py:1 imports train"]
+    (tmp_path / "train" / "measured.py").write_text("from benchmarks.bench_data import main\n")
+    (tmp_path / "benchmarks" / "bench.py").write_text("import train.data\nfrom instantstyle import adapter\n")
+    assert violations(tmp_path) == ["instantstyle/bad.py:2 imports train", "data_tools/also_bad.py:1 imports train",
+                                    "train/measured.py:1 imports benchmarks"]
+
+
+def test_product_modules_do_not_measure_the_product():
+    """Benchmarks and research runners live in benchmarks/, not in the packages a user installs."""
+    product = [p for package in LAYERS[:-1] for p in (REPO / package).rglob("*.py")]
+    misplaced = [str(p.relative_to(REPO)) for p in product
+                 if p.stem.startswith(("bench_", "measure_"))]
+    assert misplaced == []

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train import bench_gpu
-from train.bench_gpu import ENCODINGS, VARIANTS, Row, Setup, build_model, card_peak_tflops, main, run_rows
+from benchmarks import bench_gpu
+from benchmarks.bench_gpu import ENCODINGS, VARIANTS, Row, Setup, build_model, card_peak_tflops, main, run_rows
 
 
 def table_rows(text: str) -> dict[tuple[str, str, str], list[str]]:

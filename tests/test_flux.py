@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from PIL import Image
 from safetensors import safe_open
 
-from instantstyle import bench_params
+from benchmarks import bench_params
 from instantstyle.flux import (
     FluxAdapterSpec,
     FluxStyleBlockProcessor,

@@ -73,8 +73,8 @@ def test_evaluation_grid_labels_reference_prompts_and_lambda(tmp_path, monkeypat
 
 
 def test_claim_plot_tick_labels_do_not_overlap():
-    from data_tools import toy_models
-    from train.measure_claim import SCORES, claim_figure
+    from benchmarks import toy_models
+    from benchmarks.measure_claim import SCORES, claim_figure
 
     rows = [("none", False), ("style", False), ("style", True), (toy_models.STYLE_BLOCK, False),
             (toy_models.STYLE_BLOCK, True), ("all", False), ("all", True)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.measure_claim import claim_table, summarise, verdict
+from benchmarks.measure_claim import claim_table, summarise, verdict
 
 
 def row(seed, blocks, sub, palette, texture, text, leak):

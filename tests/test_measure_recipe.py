@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from data_tools import toy_models
+from benchmarks import toy_models
 from data_tools.toy_data import render_dataset
-from train.measure_recipe import RECIPES, parse_cells, summarise
-from train.toy_adapter import toy_batch
+from benchmarks.measure_recipe import RECIPES, parse_cells, summarise
+from benchmarks.toy_adapter import toy_batch
 
 
 def test_summary_gives_mean_and_95_percent_interval_over_seeds():

@@ -8,14 +8,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from data_tools import toy_models
-from data_tools.measure_toy_base import prompt_accuracy
-from data_tools.shape_classifier import load_classifier, palette_probability
+from benchmarks import toy_models
+from benchmarks.measure_toy_base import prompt_accuracy
+from benchmarks.shape_classifier import load_classifier, palette_probability
 from data_tools.toy_data import reference_image, references, render_dataset
 from instantstyle.generate import StyleGenerator
 from instantstyle.models import load_base
 from train.config import compose
-from train.toy_adapter import train_toy_adapter
+from benchmarks.toy_adapter import train_toy_adapter
 
 BASE = Path(__file__).resolve().parents[1] / "data_tools" / "toy_base"
 SAMPLE_STEPS = 12
@@ -23,7 +23,7 @@ ADAPTER_STEPS = 200  # batch 16, lr 3e-3: about 60 s on a shared core
 MIN_PALETTE_GAIN = 0.05  # mean rise of the classifier's probability of the reference's palette
 REFERENCES = references(2)
 # "a {shape}", 2 images per shape at fixed seeds, 20 steps, CFG 5; chance is 1/8. The card's figure
-# (4 per shape) is re-measured by `python -m data_tools.measure_toy_base`.
+# (4 per shape) is re-measured by `python -m benchmarks.measure_toy_base`.
 PROMPT_ACCURACY_FLOOR = 0.5
 
 

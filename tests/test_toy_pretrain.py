@@ -6,9 +6,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from data_tools.pretrain_toy_base import main as pretrain
-from data_tools.shape_classifier import load_classifier
-from data_tools.toy_models import build_toy_tokenizer
+from benchmarks.pretrain_toy_base import main as pretrain
+from benchmarks.shape_classifier import load_classifier
+from benchmarks.toy_models import build_toy_tokenizer
 from instantstyle.blocks import block_names, cross_attention_layers
 from instantstyle.models import load_base
 

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, check_sections, compose
+from train.config import CONFIG_DIR, ConfigError, check_sections, compose
 
 
 def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
@@ -48,7 +48,7 @@ def quiet_libraries() -> None:
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra's entry: train as ``cfg`` says; a mistake the user can fix is one line and exit 2."""
     quiet_libraries()

@@ -18,7 +18,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _config_dir() -> Path:
+    """The Hydra configs: inside the package when installed from a wheel, else the checkout's configs/."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if (packaged / "train.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 ADAPTER_TYPES = ("ip_adapter", "ip_adapter_plus")

@@ -1,0 +1,251 @@
+"""Run the frozen encoders once over image shards and write an embedding cache (`data=cached` trains from it).
+
+    python -m data_tools.precompute --base DIR --shards 'DATA/*.tar' --out CACHE [--resolution 1024]
+        [--buckets none|sdxl] [--adapter-type ip_adapter|ip_adapter_plus] [--dtype fp16|bf16|fp32]
+    accelerate launch -m data_tools.precompute ...   (rank r of w takes shards[r::w])
+
+Every image is cropped exactly as the training loader crops it without augmentation (centred,
+no flip: `data_tools.transforms`), then encoded by the VAE, both text encoders and the image
+encoder; `data_tools.embedding_cache` says what is stored and why. Deterministic: the same inputs
+give byte-identical shards. Resumable: shards are written atomically under their source names, so
+a killed run started again skips the finished ones. Every chunk is encoded at `--batch-size` rows
+(padded), which makes the values bitwise those of live training at that batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_tools.buckets import nearest_bucket, parse_buckets
+from data_tools.embedding_cache import (VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
+                                        save_empty_prompt, source_id)
+from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, TruncatedTar, decode_caption, decode_meta,
+                               expand_shards, image_member, iter_samples, open_image, open_shard, write_manifest,
+                               write_shard)
+from data_tools.toy_data import CLIP_MEAN, CLIP_STD
+from data_tools.transforms import augmented_view, original_size, prepare_image
+from instantstyle.augment import ReferenceAugment
+from instantstyle.content import encode_image
+from instantstyle.encode import clip_input, latent_distribution, pad_rows
+from instantstyle.models import BaseModel, encode_prompts, load_base
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="diffusers base folder or hub id (what training's model.path names)")
+    parser.add_argument("--image-encoder", default=None, help="REPO:SUBFOLDER or folder; default BASE/image_encoder")
+    parser.add_argument("--shards", required=True, help="source image shards: glob, brace pattern or list")
+    parser.add_argument("--out", required=True, type=Path, help="cache folder (shards + manifest.json)")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--buckets", default="none", help="none | sdxl (the same as training's data.buckets)")
+    parser.add_argument("--adapter-type", default="ip_adapter", choices=("ip_adapter", "ip_adapter_plus"))
+    parser.add_argument("--clip-image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per encoder call; train with this batch size "
+                        "for values bitwise equal to live encoding")
+    parser.add_argument("--dtype", default="fp16", choices=tuple(DTYPES), help="stored tensors (encoders run in fp32)")
+    parser.add_argument("--max-image-pixels", type=int, default=178956970)
+    parser.add_argument("--reference-views", type=int, default=0,
+                        help="augmented reference views per image (0 = none); training draws one per sample and epoch")
+    parser.add_argument("--reference-crop", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="area fraction of the views' independent crop (data.reference_crop)")
+    parser.add_argument("--reference-flip-prob", type=float, default=0.0, help="(data.reference_flip_prob)")
+    parser.add_argument("--reference-shuffle-grid", type=int, default=1, help="(data.reference_shuffle_grid)")
+    parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return parser.parse_args(argv)
+
+
+def prepare(raw, args: argparse.Namespace, buckets) -> dict:
+    """A source sample cropped as training crops it (centred, no flip), with its conditioning; BadSample to skip."""
+    if raw.error:
+        raise BadSample(raw.error)
+    data, caption, meta = image_member(raw.members), decode_caption(raw.members), decode_meta(raw.members)
+    image = open_image(data, args.max_image_pixels)
+    size = (args.resolution,) * 2 if buckets is None else nearest_bucket(*image.size, buckets)
+    augment = reference_augment(args)
+    prepared = prepare_image(image, size, args.clip_image_size,
+                             keep_decoded=augment is not None and augment.crop_scale is not None)
+    views = reference_views(prepared, augment, args.reference_views, raw.key)
+    return {"key": raw.key, "caption": caption, "pixels": torch.from_numpy(prepared.pixels.copy()),
+            "clip_pixels": torch.from_numpy(prepared.clip_pixels.copy()), "bucket": size, "views": views,
+            "meta": {"key": raw.key, "caption": caption, "original_size": list(original_size(meta, prepared.original_size)),
+                     "crop_top_left": list(prepared.crop_top_left), "target_size": [size[1], size[0]]}}
+
+
+def reference_augment(args: argparse.Namespace) -> ReferenceAugment | None:
+    """The views' augmentation, or None without ``--reference-views``."""
+    if args.reference_views < 1:
+        return None
+    return ReferenceAugment.of(args.reference_crop, args.reference_flip_prob, args.reference_shuffle_grid,
+                               args.clip_image_size)
+
+
+def reference_views(prepared, augment: ReferenceAugment | None, count: int, key: str) -> list[torch.Tensor]:
+    """``count`` augmented CLIP views of one image, from an RNG seeded by its key (deterministic, resumable)."""
+    if augment is None:
+        return []
+    rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
+    return [torch.from_numpy(np.ascontiguousarray(augmented_view(prepared, augment, rng))) for _ in range(count)]
+
+
+def read_shard(url: str, args: argparse.Namespace, buckets) -> list[dict]:
+    """Every decodable sample of one source shard, prepared; bad ones are logged and left out."""
+    items = []
+    try:
+        with open_shard(url) as stream:
+            for raw in iter_samples(stream, url):
+                try:
+                    items.append(prepare(raw, args, buckets))
+                except BadSample as error:
+                    log.warning("skipping %s in %s (%s)", raw.key, url, error)
+    except (TruncatedTar, OSError) as error:
+        log.warning("%s is truncated or unreadable after %d samples (%s); caching what was read", url, len(items), error)
+    return items
+
+
+@torch.no_grad()
+def encode_items(base: BaseModel, items: list[dict], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """Per item: latent mean/std, prompt embeds, pooled embeds, image features; every call at batch_size rows."""
+    b, out = args.batch_size, [{} for _ in items]
+    by_bucket: dict = {}
+    for i, item in enumerate(items):
+        by_bucket.setdefault(item["bucket"], []).append(i)
+    for indices in by_bucket.values():  # the VAE takes one image size per call
+        for start in range(0, len(indices), b):
+            chunk = indices[start:start + b]
+            pixels = pad_rows(torch.stack([items[i]["pixels"] for i in chunk]), b)
+            mean, std = latent_distribution(base.vae, pixels)
+            for row, i in enumerate(chunk):
+                out[i].update(latent_mean=mean[row], latent_std=std[row])
+    device = base.unet.device
+    for start in range(0, len(items), b):
+        chunk = list(range(start, min(start + b, len(items))))
+        captions = [items[i]["caption"] for i in chunk]
+        embeds, pooled = encode_prompts(base, captions + [captions[-1]] * (b - len(chunk)))
+        clip = clip_input(pad_rows(torch.stack([items[i]["clip_pixels"] for i in chunk]), b).to(device), CLIP_MEAN, CLIP_STD)
+        features = encode_image(base.image_encoder, clip, args.adapter_type)
+        for row, i in enumerate(chunk):
+            out[i].update(prompt_embeds=embeds[row], image_features=features[row])
+            if pooled is not None:
+                out[i]["pooled_prompt_embeds"] = pooled[row]
+    encode_views(base, items, out, args)
+    dtype = DTYPES[args.dtype]
+    return [{k: v.to(dtype) for k, v in tensors.items()} for tensors in out]
+
+
+def encode_views(base: BaseModel, items: list[dict], out: list[dict], args: argparse.Namespace) -> None:
+    """The image encoder's output for every augmented view, stacked per item as ``image_feature_views``."""
+    views = [(i, view) for i, item in enumerate(items) for view in item["views"]]
+    b, device, encoded = args.batch_size, base.unet.device, []
+    for start in range(0, len(views), b):
+        chunk = [view for _, view in views[start:start + b]]
+        clip = clip_input(pad_rows(torch.stack(chunk), b).to(device), CLIP_MEAN, CLIP_STD)
+        encoded += list(encode_image(base.image_encoder, clip, args.adapter_type)[:len(chunk)])
+    for i in range(len(items)):
+        mine = [feature for (j, _), feature in zip(views, encoded) if j == i]
+        if mine:
+            out[i][VIEWS_KEY] = torch.stack(mine)
+
+
+def cache_shard(base: BaseModel, url: str, target: Path, args: argparse.Namespace, buckets) -> int:
+    """Encode one source shard into `target` (atomically); returns its sample count."""
+    items = read_shard(url, args, buckets)
+    tensors = encode_items(base, items, args) if items else []
+    write_shard(target, [Sample(item["key"], encode_sample(t, item["meta"])) for item, t in zip(items, tensors)])
+    return len(items)
+
+
+@torch.no_grad()
+def empty_prompt(base: BaseModel, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The empty caption's embeddings, as a row of a batch_size call (what live text dropout encodes)."""
+    embeds, pooled = encode_prompts(base, [""] * batch_size)
+    return embeds[0], None if pooled is None else pooled[0]
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a finished cache shard (headers only: member data is seeked over)."""
+    progress = [0]
+    with open_shard(str(path)) as stream:
+        for _ in iter_samples(stream, str(path), keep=lambda i: False, progress=progress):
+            pass
+    return progress[0]
+
+
+def reference_identity(args: argparse.Namespace) -> dict | None:
+    """The views' settings as the manifest records them (training checks them against its data config)."""
+    if args.reference_views < 1:
+        return None
+    return {"views": args.reference_views, "crop": list(args.reference_crop) if args.reference_crop else None,
+            "flip_prob": args.reference_flip_prob, "shuffle_grid": args.reference_shuffle_grid}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry; exit status 2 with one line on a usage mistake."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        urls = expand_shards(args.shards)
+        buckets = parse_buckets(args.buckets, args.resolution)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        print("error: --shards lists two shards with the same file name; cache each folder separately", file=sys.stderr)
+        return 2
+    from accelerate import PartialState
+
+    state = PartialState()
+    base = load_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=state.device,
+                     check_content=False)
+    identity = cache_identity(base_model=source_id(base.path), image_encoder=source_id(base.image_encoder_path),
+                              adapter_type=args.adapter_type, resolution=args.resolution,
+                              buckets=None if buckets is None else [list(b) for b in buckets],
+                              clip_image_size=args.clip_image_size, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
+                              dtype=args.dtype, encode_batch_size=args.batch_size,
+                              scaling_factor=float(base.vae.config.scaling_factor),
+                              reference=reference_identity(args))
+    found = read_identity(args.out)
+    mismatch = found and (identity_mismatch(found, identity) or
+                          (found.get("dtype"), found.get("encode_batch_size"), found.get("reference"))
+                          != (args.dtype, args.batch_size, identity["reference"]))
+    if mismatch:
+        print(f"error: {args.out} holds a cache made differently ({mismatch}); use another --out", file=sys.stderr)
+        return 2
+    if state.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_manifest(args.out, Manifest(options={"cache": identity}))
+        embeds, pooled = empty_prompt(base, args.batch_size)
+        save_empty_prompt(args.out, embeds.to(DTYPES[args.dtype]), None if pooled is None else pooled.to(DTYPES[args.dtype]))
+    state.wait_for_everyone()
+    mine = urls[state.process_index::state.num_processes]
+    done = 0
+    for url in tqdm(mine, desc=f"precompute rank {state.process_index}", unit="shard"):
+        target = args.out / os.path.basename(url)
+        if target.exists():
+            continue  # written atomically: a file there is a finished shard
+        cache_shard(base, url, target, args, buckets)
+        done += 1
+        if args.stop_after and done >= args.stop_after:
+            return 0
+    state.wait_for_everyone()
+    if state.is_main_process:
+        records = [ShardRecord(n, count_samples(args.out / n), (args.out / n).stat().st_size) for n in names]
+        write_manifest(args.out, Manifest(records, complete=True, options={"cache": identity}))
+        log.info("cached %d samples in %d shards at %s", sum(r.num_samples for r in records), len(records), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""SDXL image transforms: resize to cover a bucket, crop, flip, and the CLIP input cut from the crop.
+
+The bookkeeping follows SDXL micro-conditioning: `original_size` is the image's (height, width)
+before any resize, `crop_coords_top_left` is (top, left) of the crop inside the image resized to
+just cover the target (width, height), and `target_size` is the crop's (height, width). A square
+target of side `resolution` is the bucket-free case. The training loader and the embedding
+cache (`data_tools.precompute`) share these functions, so both crop every image alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from data_tools.shards import decode_rgb
+from instantstyle.augment import ReferenceAugment, augment_reference
+
+
+@dataclass
+class PreparedImage:
+    """A cropped training image (uint8 HWC), its CLIP view, and SDXL conditioning values."""
+
+    pixels: np.ndarray
+    clip_pixels: np.ndarray
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    decoded: Image.Image | None = None  # the whole decoded image, kept when an independent reference is cut from it
+
+
+def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """(width, height) of the smallest aspect-preserving resize covering target_w × target_h (torchvision's rounding)."""
+    if width * target_h <= height * target_w:  # relatively taller than the target: width decides
+        return target_w, int(target_w * height / width)
+    return int(target_h * width / height), target_h
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `resolution`."""
+    return cover_size(width, height, resolution, resolution)
+
+
+def crop_origin(width: int, height: int, crop_w: int, crop_h: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(top, left) of a crop_w × crop_h crop in a width × height image: centred, or random when given an rng."""
+    if rng is None:
+        return int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+
+
+def crop_top_left(width: int, height: int, resolution: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(top, left) of a resolution² crop (see `crop_origin`)."""
+    return crop_origin(width, height, resolution, resolution, rng)
+
+
+def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: int, *, random_crop: bool = False,
+                  random_flip: bool = False, rng: np.random.Generator | None = None,
+                  keep_decoded: bool = False) -> PreparedImage:
+    """Decode (at reduced JPEG scale when possible), resize to cover `size` (side or (w, h)), crop, maybe flip; CLIP view."""
+    target_w, target_h = (size, size) if isinstance(size, int) else size
+    width, height = image.size
+    if image.format == "JPEG":
+        # DCT-domain downscale: decodes up to 8× faster and still covers the target.
+        image.draft("RGB", (target_w, target_h))
+    image = decode_rgb(image)
+    new_w, new_h = cover_size(width, height, target_w, target_h)
+    top, left = crop_origin(new_w, new_h, target_w, target_h, rng if random_crop else None)
+    # Resize only the region that survives the crop: same pixels, less work on wide images.
+    sx, sy = image.width / new_w, image.height / new_h
+    box = (left * sx, top * sy, (left + target_w) * sx, (top + target_h) * sy)
+    crop = image.resize((target_w, target_h), Image.BILINEAR, box=box)
+    if random_flip and rng is not None and rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        # After mirroring, what was cut on the right is what is now cut on the left.
+        left = new_w - left - target_w
+    return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left),
+                         image if keep_decoded else None)
+
+
+def augmented_view(prepared: PreparedImage, augment: ReferenceAugment, rng: np.random.Generator) -> np.ndarray:
+    """An augmented reference for the image encoder: cut from the whole image when the crop is on, else the CLIP view."""
+    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
+    return augment_reference(source, augment, rng)
+
+
+def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) SDXL conditions on: the source size from the metadata, else the decoded size."""
+    # Shards made with --max-side were downscaled; SDXL should see the true source size.
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return decoded
+
+
+def clip_view(crop: Image.Image, clip_size: int) -> Image.Image:
+    """The image encoder's input: the crop's centred square (all of a square crop), resized bicubic."""
+    side = min(crop.size)
+    if crop.width != crop.height:  # a non-square bucket: cut, as CLIPImageProcessor does, never squash
+        left, top = (crop.width - side) // 2, (crop.height - side) // 2
+        crop = crop.crop((left, top, left + side, top + side))
+    return crop.resize((clip_size, clip_size), Image.BICUBIC)

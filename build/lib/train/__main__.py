@@ -1,0 +1,73 @@
+"""``python -m train [hydra overrides]``: compose configs/train.yaml and train.
+
+Only Hydra, OmegaConf and ``train.config`` are imported here: ``--help``, ``--cfg job`` and a config
+mistake answer in about a second; torch and diffusers load when training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from train.config import CONFIG_DIR, ConfigError, check_sections, compose
+
+
+def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
+    """``output_dir=RUN`` also moves Hydra's run dir there, so .hydra/ and train_rank0.log land in RUN."""
+    given = [a.partition("=")[2] for a in argv if a.startswith("output_dir=")]
+    if given and not any(a.startswith("hydra.run.dir=") for a in argv):
+        return [*argv, f"hydra.run.dir={given[-1]}"]
+    return argv
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the overrides first so a mistake is one line, before Hydra or torch get involved.
+
+    Any flag (``--help``, ``--cfg job``, ``-m``, ``--info`` …) goes to Hydra untouched: those commands
+    print or sweep, and a sweep's comma lists are not single values.
+    """
+    if any(a.startswith("-") for a in argv):
+        if any(a.startswith("output_dir=") for a in argv) and ("-m" in argv or "--multirun" in argv):
+            raise ConfigError("output_dir= with -m would send every job to one folder; "
+                              "set hydra.sweep.dir=DIR instead (job N trains in DIR/N)")
+        return
+    check_sections(compose(argv))
+
+
+def quiet_libraries() -> None:
+    """Silence notices that every run would print and no user can act on (tested: a demo run prints no warning)."""
+    # transformers: "`CLIPImageProcessor` requires torchvision … falling back to the PIL backend" (we use neither).
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage())
+    # diffusers imports bitsandbytes whenever it is installed; its CPU backend then looks for an optional
+    # kernels package. Only optim=adamw8bit uses bitsandbytes, and that runs on GPUs.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra's entry: train as ``cfg`` says; a mistake the user can fix is one line and exit 2."""
+    quiet_libraries()
+    from train.checkpoint import CheckpointError
+    from train.loop import NonFiniteLoss
+    from train.training import train
+
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
+    main()

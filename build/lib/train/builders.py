@@ -1,0 +1,74 @@
+"""Builders of the ``model`` and ``adapter`` config groups (their ``_target_``s)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from instantstyle.adapter import AdapterSpec, InstantStyleAdapter, install_adapter
+from instantstyle.export import load_adapter
+from instantstyle.models import BaseModel, load_base, looks_local
+from train.config import ConfigError
+
+# Where the packages live: the repository (editable install) or site-packages, with data_tools/toy_base.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
+    """``model.path`` as given when it exists here or is a hub id; else a relative path from the package root.
+
+    So ``model=toy`` (``data_tools/toy_base``, committed) works from any folder. A missing local-looking
+    path is one line, never a hub request.
+    """
+    if Path(path).expanduser().exists():
+        return os.path.expanduser(path)
+    packaged = PACKAGE_ROOT / path
+    if not Path(path).is_absolute() and packaged.exists():
+        return str(packaged)
+    if must_exist and looks_local(path):
+        raise ConfigError(f"model.path={path}: no such folder (looked here and in {PACKAGE_ROOT})")
+    return path  # a hub id, or the tiny base to build here
+
+
+def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
+               build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", encoders: bool = True) -> BaseModel:
+    """Load the frozen base (the ``model`` group's builder); the tiny base is made on first use.
+
+    ``encoders=False``: UNet and scheduler weights only (training from an embedding cache).
+    """
+    path = resolve_model_path(path, must_exist=not build_if_missing)
+    if build_if_missing and not Path(path, "unet").is_dir():
+        from data_tools.make_tiny_model import save_tiny_model
+
+        save_tiny_model(path)
+    return load_base(path, image_encoder=image_encoder, dtype=dtype, device=device,
+                     check_content=check_content_space, encoders=encoders)
+
+
+def adapter_spec(base: BaseModel, *, type: str, num_tokens: int, resampler_dim: int,
+                 blocks: list[str] | None) -> AdapterSpec:
+    """What to train on this base: image feature width comes from the image encoder."""
+    enc = base.image_encoder.config
+    embed_dim = enc.hidden_size if type == "ip_adapter_plus" else enc.projection_dim
+    extra = {"base_model": base.path, "image_encoder": base.image_encoder_path}
+    return AdapterSpec(type, tuple(blocks), embed_dim, num_tokens,
+                       resampler_dim, extra)
+
+
+def build_adapter(base: BaseModel, *, blocks: list[str] | None, type: str, num_tokens: int,
+                  resampler_dim: int, init_from: str | None = None) -> InstantStyleAdapter:
+    """Install a fresh adapter (or one initialised from a file) on the base UNet (the ``adapter`` group)."""
+    if base.family == "flux":  # FLUX: image branches on double-stream blocks (train/flux_builders.py)
+        from train.flux_builders import build_flux_adapter
+
+        return build_flux_adapter(base, blocks=blocks, num_tokens=num_tokens, init_from=init_from)
+    spec = adapter_spec(base, type=type, num_tokens=num_tokens, resampler_dim=resampler_dim, blocks=blocks)
+    if init_from:
+        adapter = load_adapter(init_from, base.unet, blocks=blocks)
+        adapter.spec = spec
+    else:
+        adapter = install_adapter(base.unet, spec)
+    return adapter.to(base.unet.device, torch.float32)

@@ -1,0 +1,283 @@
+"""Check the composed config against the world, once, before anything heavy is loaded.
+
+Types and ranges are the schema's job (``train.config``); here are the checks that need the
+file system or the base model's config: shards exist, blocks exist in the UNet, the image
+encoder fits, the optimizer imports, the validation styles and prompts read. What they read
+(shard list, resolved blocks, prompts, style references) is kept in ``Settings`` and used by
+training as is, so nothing is read twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import (
+    SHARDS_REQUIRED,
+    AdapterConfig,
+    BlocksConfig,
+    ConfigError,
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    ValidationConfig,
+    check_known_keys,
+    resolve_precision,
+    section,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """The config, typed and checked: what ``train`` builds from."""
+
+    trainer: TrainerConfig
+    data: DataConfig
+    shard_urls: list[str]
+    validation: ValidationConfig
+    prompts: tuple[str, ...] = ()
+    references: list = field(default_factory=list)  # instantstyle.evaluate.StyleReference, read once
+    family: str | None = None  # the base's model family; None until the tiny base is built
+    blocks: list[str] | None = None  # the resolved block prefixes; None until the tiny base is built
+    metric_encoders: dict = field(default_factory=dict)  # optional validation metrics (CSD, DINO), loaded once
+
+
+def target_blocks(blocks: Any, family: str) -> list[str]:
+    """Block prefixes for ``blocks`` (custom ``targets`` win over the preset; ``all`` = ALL_BLOCKS)."""
+    from instantstyle.blocks import PRESET_NAMES, is_preset, resolve_blocks
+
+    if family == "flux":  # double_blocks.K names, no measured presets (train/flux_builders.py)
+        from train.flux_builders import flux_target_blocks
+
+        return flux_target_blocks(blocks)
+    blocks = section(blocks, "blocks", BlocksConfig)
+    if blocks.targets:
+        return resolve_blocks(list(blocks.targets), family)
+    if not is_preset(blocks.preset, family):
+        raise ConfigError(f"blocks.preset={blocks.preset!r} — valid: {', '.join(PRESET_NAMES)}, "
+                          "or a custom list blocks.targets=[...]")
+    return resolve_blocks(blocks.preset, family)
+
+
+def check_optimizer(optim: DictConfig) -> None:
+    """The optimizer class must import (bitsandbytes for adamw8bit)."""
+    target = str(optim.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        if module.startswith("bitsandbytes"):
+            raise ConfigError("optim=adamw8bit needs bitsandbytes: pip install bitsandbytes, or use optim=adamw") from err
+        raise ConfigError(f"optim._target_={target!r} cannot be imported: {err}") from err
+    except AttributeError as err:
+        raise ConfigError(f"optim._target_={target!r}: {module} has no {name}") from err
+
+
+def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
+    """Typed data settings and the shard list; every local shard exists."""
+    from data_tools.shards import expand_shards
+
+    if OmegaConf.is_missing(data, "shards"):
+        raise ConfigError(SHARDS_REQUIRED)
+    typed = section(data, "data", DataConfig)
+    try:
+        urls = expand_shards(typed.shards)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise ConfigError(f"data.shards: {missing[0]} does not exist ({len(missing)} of {len(urls)} shards missing)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if typed.num_workers > cpus:  # more decoding processes than CPUs only adds contention (and torch's warning)
+        log.info("data.num_workers=%d > %d CPUs here: using %d workers", typed.num_workers, cpus, cpus)
+        typed.num_workers = cpus
+    return typed, urls
+
+
+def check_resume(resume: Any, output_dir: str) -> None:
+    """resume is auto, none, or a checkpoint folder."""
+    if resume in ("auto", "none", None):
+        return
+    if not Path(str(resume), "trainer_state.json").is_file():
+        raise ConfigError(f"resume={resume}: not a complete checkpoint folder (no trainer_state.json); "
+                          f"use resume=auto, resume=none or a path like {output_dir}/checkpoints/checkpoint-00001000")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The run folder is a writable folder, or can be made as one."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file, not a folder; choose another output_dir")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={output_dir}: {existing} is a file, so no folder can be made under it; "
+                          "choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user; "
+                          "choose another output_dir")
+
+
+def check_model(model_cfg: DictConfig, blocks: DictConfig,
+                clip_image_size: int) -> tuple[str | None, list[str] | None]:
+    """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from instantstyle.blocks import UnknownBlockError, select_layers
+    from instantstyle.content import ContentSpaceMismatch
+    from instantstyle.models import BaseModelError, model_family
+    from train.builders import resolve_model_path
+
+    model = section(model_cfg, "model", ModelConfig)
+    if Path(model.path).expanduser().is_file():
+        raise ConfigError(f"model.path={model.path} is a file; give the base model's diffusers folder (with unet/) "
+                          "or a hub id")
+    path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
+    if model.build_if_missing and not Path(path, "unet").is_dir():
+        return None, None  # the tiny base is built on first use; it always fits
+    try:
+        unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+        family = model_family(unet)
+        chosen = target_blocks(blocks, family)
+        select_layers(list(unet.attn_processors), chosen)
+        _check_image_encoder(model, path, family, clip_image_size)
+        return family, chosen
+    except ConfigError:
+        raise
+    except (UnknownBlockError, ContentSpaceMismatch, BaseModelError) as err:
+        raise ConfigError(str(err)) from err
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
+
+
+def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig,
+                       data: DataConfig) -> tuple[str | None, list[str] | None]:
+    """``check_model`` for UNet bases; FLUX bases have their own checks (train/flux_builders.py)."""
+    from train.flux_builders import check_flux_config, is_flux
+
+    if is_flux(cfg.model):
+        if data.cached:
+            raise ConfigError("data=cached holds SDXL encoder outputs; FLUX training encodes live (use data=webdataset)")
+        return check_flux_config(cfg, trainer, validation)
+    return check_model(cfg.model, cfg.blocks, data.clip_image_size)
+
+
+def _check_image_encoder(model: ModelConfig, path: str, family: str, clip_image_size: int) -> None:
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    from instantstyle.content import check_content_space
+    from instantstyle.models import resolve_image_encoder
+
+    enc_path, enc_sub = resolve_image_encoder(path, model.image_encoder)
+    kwargs = {"subfolder": enc_sub} if enc_sub else {}
+    vision = CLIPVisionConfig.from_pretrained(enc_path, **kwargs)
+    if vision.image_size != clip_image_size:  # else a shape error deep in the first step, after loading
+        raise ConfigError(f"data.clip_image_size={clip_image_size}, but the image encoder of model.path={model.path} "
+                          f"takes {vision.image_size} px: set data.clip_image_size={vision.image_size}")
+    if model.check_content_space:
+        sub = "text_encoder_2" if family == "sdxl" else "text_encoder"
+        text = CLIPTextConfig.from_pretrained(path, subfolder=sub)
+        check_content_space(vision.projection_dim, text.projection_dim if family == "sdxl" else text.hidden_size)
+
+
+def read_validation(v: ValidationConfig, adapter_type: str) -> tuple[tuple[str, ...], list]:
+    """(prompts, style references) of an enabled validation; the styles fit the content scale."""
+    from instantstyle.evaluate import load_references, read_prompts
+    from instantstyle.pipeline import GenerationError
+
+    if v.styles is None:
+        return (), []
+    try:
+        refs = load_references(v.styles)
+    except GenerationError as err:
+        raise ConfigError(f"validation.styles: {err}") from err
+    if v.content_scale != 0:
+        if adapter_type != "ip_adapter":
+            raise ConfigError(f"validation.content_scale={v.content_scale} needs adapter=ip_adapter "
+                              f"({adapter_type} works on hidden states); set validation.content_scale=0")
+        uncaptioned = [r.name for r in refs if r.caption is None]
+        if uncaptioned:
+            raise ConfigError(f"validation.content_scale={v.content_scale} needs a content caption per style: "
+                              f"add {uncaptioned[0]}.txt in {v.styles} ({len(uncaptioned)} missing)")
+    if isinstance(v.prompts, str):
+        try:
+            return tuple(read_prompts(v.prompts)), refs
+        except GenerationError as err:
+            raise ConfigError(f"validation.prompts: {err}") from err
+    prompts = list(v.prompts or [])
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError("validation.prompts is required: a text file (one prompt per line) or a list of prompts")
+    return tuple(prompts), refs
+
+
+def load_validation_encoders(v: ValidationConfig) -> dict:
+    """The optional CSD and DINO metric encoders of an enabled validation (one line when a path is wrong)."""
+    if v.styles is None or not (v.csd or v.dino):
+        return {}
+    from instantstyle.errors import GenerationError
+    from instantstyle.evaluate import load_metric_encoders
+
+    try:
+        return load_metric_encoders(v.csd, v.dino)
+    except GenerationError as err:
+        raise ConfigError(f"validation.csd/dino: {err}") from err
+
+
+def check_config(cfg: DictConfig) -> Settings:
+    """Check the whole config; returns the typed, read ``Settings`` or raises ``ConfigError``."""
+    for key in ("output_dir", "model", "adapter", "blocks", "data", "optim", "logger", "trainer"):
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
+    check_known_keys(cfg)
+    check_output_dir(str(cfg.output_dir))
+    trainer = resolve_precision(section(cfg.trainer, "trainer", TrainerConfig))  # "auto" → no/fp16/bf16
+    adapter_type = str(cfg.adapter.type)
+    if trainer.content_scale and adapter_type != "ip_adapter":
+        raise ConfigError(f"trainer.content_scale={trainer.content_scale} needs adapter=ip_adapter ({adapter_type} "
+                          "reads the image encoder's hidden states, which are not in the text space)")
+    for name, schema in (("adapter", AdapterConfig), ("logger", LoggerConfig), ("optim", OptimConfig)):
+        section(cfg[name], name, schema)  # their range checks
+    validation = section(cfg.get("validation"), "validation", ValidationConfig)
+    prompts, refs = read_validation(validation, adapter_type)
+    encoders = load_validation_encoders(validation)
+    check_optimizer(cfg.optim)
+    data, urls = check_data(cfg.data)
+    if data.cached:  # the embedding cache must fit the model, adapter and data config
+        from train.cached_data import check_cache
+
+        check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
+                    adapter_type=adapter_type)
+        if validation.enabled:
+            raise ConfigError("validation.every generates images, which needs the encoders that data=cached does "
+                              "not load; set validation.every=0 (trainer.validate_every still works)")
+    check_resume(cfg.resume, str(cfg.output_dir))
+    family, blocks = check_family_model(cfg, trainer, validation, data)
+    init_from = cfg.adapter.get("init_from")
+    if init_from and not glob.glob(str(init_from)):
+        raise ConfigError(f"adapter.init_from={init_from}: file not found")
+    if trainer.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    return Settings(trainer, data, urls, validation, prompts, refs, family, blocks, encoders)
+
+
+def validate_config(cfg: DictConfig) -> TrainerConfig:
+    """Check the whole config; returns the typed trainer section or raises ``ConfigError``."""
+    return check_config(cfg).trainer

@@ -1,0 +1,108 @@
+"""FSDP as this trainer uses it: the frozen UNet sharded over the ranks, the small adapter whole on every rank.
+
+``ACCELERATE_CONFIG=fsdp`` selects it. What fills a GPU is the frozen base (SDXL's UNet alone is
+4.8 GiB in bf16); the adapter is tens of MB. So the UNet's blocks are sharded with FSDP2
+``fully_shard`` (each block is gathered for its forward and backward, then freed again), and the
+adapter's parameters are left out of the sharding (``ignored_params``): they, their gradients
+(averaged over the ranks exactly as DDP averages them), the optimizer state, EMA, checkpoints and
+exports stay as in data parallelism. Checkpoints need no gathering, hold no pickle, and resume bitwise.
+
+Accelerate's own FSDP would shard the adapter and its optimizer state too (nothing to gain at this
+size, and checkpoints that must be gathered), so the trainer takes the choice over: Accelerate runs
+data parallel underneath (optimizer, loss scaling, autocast) and this module shards the UNet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.task import AdaptedUNet
+
+log = logging.getLogger(__name__)
+# Environment variables `accelerate launch` sets for a sharded config, and the backend each selects.
+SHARDED_BACKENDS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def take_over_sharding() -> str | None:
+    """The sharded backend ``accelerate launch`` was asked for (FSDP, DEEPSPEED), switched off for Accelerate itself.
+
+    Call before creating the ``Accelerator``: it then sets up plain data parallelism.
+    """
+    chosen = None
+    for variable, backend in SHARDED_BACKENDS.items():
+        if os.environ.get(variable, "false").lower() == "true":
+            os.environ[variable] = "false"
+            chosen = chosen or backend
+    return chosen
+
+
+class ShardedAdaptedUNet(AdaptedUNet):
+    """``AdaptedUNet`` whose frozen UNet is sharded; runs under the training autocast, averages adapter gradients."""
+
+    def __init__(self, unet: nn.Module, adapter: nn.Module, autocast: Callable[[], AbstractContextManager]) -> None:
+        super().__init__(unet, adapter)
+        self.autocast = autocast  # Accelerate wraps a prepared model's forward in it; this model is not prepared
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with self.autocast():
+            return super().forward(*args, **kwargs)
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Mean of the adapter gradients over the ranks, as DDP computes it (divide, then sum in one flat buffer)."""
+        grads = [p.grad for p in self.adapter.parameters() if p.grad is not None]
+        if not grads or not dist.is_initialized():
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+        dist.all_reduce(flat)
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
+
+
+def shard_frozen_unet(unet: nn.Module, adapter: nn.Module, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager]) -> ShardedAdaptedUNet:
+    """Shard every down/mid/up block of ``unet`` and the rest of it; the adapter stays whole and in sync."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    keep = set(adapter.parameters())
+    for param in adapter.parameters():  # same seed on every rank already; make it certain, as DDP does
+        dist.broadcast(param.data, src=0)
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for block in blocks:  # one unit per block: at most one block's weights are gathered at a time
+        fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
+    fully_shard(unet, mesh=mesh, ignored_params=keep & set(unet.parameters()))
+    log.info("FSDP: frozen UNet sharded over %d ranks in %d blocks; adapter replicated", dist.get_world_size(),
+             len(blocks))
+    return ShardedAdaptedUNet(unet, adapter, autocast)
+
+
+@contextmanager
+def whole_unet(model: nn.Module) -> Iterator[None]:
+    """Inside the block a sharded UNet holds all its weights on every rank (export reads the untrained layers)."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.unet.modules() if isinstance(m, FSDPModule)]
+    for unit in units:  # a collective: every rank enters the block
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model``'s UNet is sharded: every rank must then run each UNet forward together."""
+    return isinstance(model, ShardedAdaptedUNet)
