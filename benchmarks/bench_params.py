@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from .adapter import AdapterSpec, install_adapter
-from .blocks import preset_blocks
-from .flux import FluxAdapterSpec, install_flux_adapter
-from .reference_configs import build_flux_transformer, build_image_encoder, build_unet
+from instantstyle.adapter import AdapterSpec, install_adapter
+from instantstyle.blocks import preset_blocks
+from instantstyle.flux import FluxAdapterSpec, install_flux_adapter
+from instantstyle.reference_configs import build_flux_transformer, build_image_encoder, build_unet
 
 MODELS = {"sdxl": ("sdxl_unet", "openclip_bigg_vision"), "sd15": ("sd15_unet", "openclip_vith_vision")}
 # FLUX block choices: one double block, every double block, and every block. The last is
