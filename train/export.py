@@ -77,6 +77,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
     from instantstyle.adapter import AdapterSpec, install_adapter
     from instantstyle.export import export_safetensors
+    from train.builders import resolve_model_path
     from train.checkpoint import CheckpointError
 
     checkpoint = Path(checkpoint)
@@ -87,7 +88,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         weights = weights.get("shadow") if isinstance(weights, dict) else None
         if weights is None:
             raise CheckpointError(f"{checkpoint.name}/ema.json has no shadow weights")
-    base_path = base or identity["base_model"]
+    # A run records model.path as the user wrote it; model=toy's relative path means the packaged toy base.
+    base_path = resolve_model_path(base or identity["base_model"], must_exist=False)
     if identity.get("family") == "flux":  # XLabs layout on the transformer's shape (train/flux_builders.py)
         from train.flux_builders import export_flux_checkpoint
 
