@@ -228,7 +228,7 @@ def render() -> str:
     train_yaml = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text())
     for key in top:
         default = yaml_value(train_yaml[key.name]) if key.name in train_yaml else key.default
-        out.append(f"| `{key.name}` | `{key.type}` | `{default}` | {key.meaning} |")
+        out.append(f"| `{key.name}` | `{cell(key.type)}` | `{cell(default)}` | {cell(key.meaning)} |")
     out.append("")
     for name, cls in GROUPS.items():
         out += render_group(name, cls, defaults)
