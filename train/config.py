@@ -108,7 +108,7 @@ class DataConfig:
     buckets: Any = "none"
     cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
     # Reference augmentation (instantstyle/augment.py), all off by default: what the image encoder sees is
-    # cut from the same image as the target but need not share its layout (README, "A training recipe").
+    # cut from the same image as the target but need not share its layout (docs/training.md).
     reference_crop: Optional[List[float]] = None  # [low, high] area fraction of an independent square crop
     reference_flip_prob: float = 0.0              # horizontal flip of the reference
     reference_shuffle_grid: int = 1               # N×N patch shuffle of the reference (1 = off)
