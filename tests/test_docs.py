@@ -176,6 +176,17 @@ def test_every_named_file_and_python_name_exists():
             assert resolves(dotted), f"{doc.name}: `{dotted}` is neither a module nor a name in one"
 
 
+def test_every_named_test_exists():
+    named = 0
+    for doc in DOCS:
+        for file, name in re.findall(r"`?(test_\w+\.py)(?:::(test_\w+))?", doc.read_text()):
+            named += 1
+            path = REPO / "tests" / file
+            assert path.is_file(), f"{doc.name}: {file} does not exist"
+            assert not name or re.search(rf"^def {name}\(", path.read_text(), re.M), f"{doc.name}: {file}::{name}"
+    assert named >= 10
+
+
 def slug(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
