@@ -145,13 +145,13 @@ def describe_defaults(entries: list[Any], group: str) -> list[str]:
     """A YAML defaults list in words: which group choices it makes and which files it extends."""
     out = []
     for entry in entries:
-        if isinstance(entry, str):
-            if entry != "_self_":
-                out.append(f"extends `{group}={entry.strip('/').split('/')[-1]}`" if "/" not in entry.strip("/")
-                           else f"extends `{entry.strip('/').replace('/', '=', 1)}`")
+        if entry == "_self_":
+            continue
+        if isinstance(entry, str):  # `webdataset` (same group) or `/experiment/sdxl_style`
+            parent, _, choice = entry.strip("/").rpartition("/")
+            out.append(f"extends `{parent or group}={choice}`")
         else:
-            for key, value in entry.items():
-                out.append(f"chooses `{key.removeprefix('override ').strip('/')}={value}`")
+            out += [f"chooses `{key.removeprefix('override ').strip('/')}={value}`" for key, value in entry.items()]
     return out
 
 
@@ -159,12 +159,10 @@ def choice_settings(path: Path, group: str) -> list[str]:
     """What one YAML file of a group sets, as ``key=value`` items with the group prefix where Hydra puts it."""
     text = path.read_text()
     data = yaml.safe_load(text) or {}
-    global_package = "@package _global_" in text
     items = describe_defaults(data.pop("defaults", []), group)
-    sweep = data.get("hydra", {}).get("sweeper", {}).get("params", {}) if isinstance(data.get("hydra"), dict) else {}
-    data.pop("hydra", None) if sweep else None
+    sweep = (data.pop("hydra", None) or {}).get("sweeper", {}).get("params", {})
     items += [f"sweeps `{key}` over `{value}`" for key, value in sweep.items()]
-    prefix = "" if global_package else f"{group}."
+    prefix = "" if "@package _global_" in text else f"{group}."
     items += [f"`{prefix}{key}={yaml_value(value)}`" for key, value in flatten(data) if key]
     return items
 
