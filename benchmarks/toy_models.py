@@ -31,7 +31,7 @@ TEXT_HIDDEN = 64  # each text encoder; SDXL concatenates both → cross_attentio
 PROJECTION_DIM = 64  # shared CLIP space of text_encoder_2 and the image encoder
 TIME_EMBED_DIM = 8
 # Where the trained toy UNet keeps style, found by instantstyle.probe_blocks on an all-block adapter
-# (README, "Which blocks carry style?"); SDXL's up_blocks.0.attentions.1 is a 4x4 layer here.
+# (docs/toy_world.md, "Which blocks carry style?"); SDXL's up_blocks.0.attentions.1 is a 4x4 layer here.
 # configs/experiment/demo.yaml trains it (tests keep the two equal).
 STYLE_BLOCK = "up_blocks.1.attentions.2"
 MAX_TOKENS = 77

@@ -45,7 +45,7 @@ def test_help_is_the_projects_and_imports_no_ml_library(tmp_path):
     proc = run_train(["--help"], tmp_path)
     assert proc.stdout.strip().endswith("HEAVY: EXIT:0"), proc.stdout + proc.stderr
     assert "powered by Hydra" not in proc.stdout
-    assert "model: flux, sd15, sdxl, tiny, toy" in proc.stdout and "README.md" in proc.stdout
+    assert "model: flux, sd15, sdxl, tiny, toy" in proc.stdout and "docs/config.md" in proc.stdout
     assert run_train(["--cfg", "job", "model=toy"], tmp_path).stdout.strip().endswith("HEAVY: EXIT:0")
     assert not (tmp_path / "outputs").exists()
 

@@ -108,7 +108,7 @@ def test_in_memory_adapter_equals_its_export(tiny_model_dir, files, tmp_path):
 
 
 def test_readme_snippet_content_subtraction_with_embeds(tiny_model_dir, files):
-    """The diffusers recipe in the README (precomputed embeds minus λ·content) equals our generate."""
+    """The diffusers recipe of docs/export.md (precomputed embeds minus λ·content) equals our generate."""
     from diffusers.utils import load_image
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)

@@ -1,7 +1,7 @@
 """Nothing a user or a disk throws at training crashes a run or loses work.
 
 Shards that are not tars, metadata out of range, corrupt checkpoints, ranks that see different
-checkpoints, two runs in one folder, non-finite losses, the README's shell patterns, unusable
+checkpoints, two runs in one folder, non-finite losses, the documented shell patterns, unusable
 paths, a missing wandb key and re-running a finished run: each is skipped, recovered from, or
 stopped with one line.
 """
@@ -342,13 +342,13 @@ def test_a_nonfinite_checkpoint_or_export_is_refused(tmp_path):
         check_finite({"adapter": module}, "export")
 
 
-# --- the README's shard patterns ----------------------------------------------------------------
+# --- the documented shard patterns -------------------------------------------------------------
 
 def test_brace_pattern_in_the_documented_shell_form_composes_and_expands():
-    readme = (REPO / "README.md").read_text()
-    words = [w for line in readme.splitlines() if line.lstrip().startswith(("python -m train", "./launch.sh"))
+    docs = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    words = [w for line in docs.splitlines() if line.lstrip().startswith(("python -m train", "./launch.sh"))
              for w in shlex.split(line.split("#")[0].rstrip().rstrip("\\")) if w.startswith("data.shards=") and "{" in w]
-    assert words, "the README documents a brace pattern"
+    assert words, "the docs show a brace pattern"
     for word in words:  # what the shell hands Hydra
         compose(["model.path=/m", word, "output_dir=/o"])
     cfg = compose(["model.path=/m", "data.shards=\"/x/{00000..00099}.tar\"", "output_dir=/o"])

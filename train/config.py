@@ -67,7 +67,7 @@ class AdapterConfig:
     _target_: str = "train.builders.build_adapter"
     _partial_: bool = True
     type: str = "ip_adapter"            # ip_adapter | ip_adapter_plus
-    num_tokens: int = 4
+    num_tokens: int = 4                # image tokens the projection makes (ip_adapter 4, ip_adapter_plus 16)
     resampler_dim: int = 1280           # Plus only: resampler width (1280 matches the public SDXL Plus files)
     init_from: Optional[str] = None     # an exported or public IP-Adapter .safetensors/.bin to start from
 
@@ -91,24 +91,24 @@ class DataConfig:
     shards: Any = MISSING            # brace pattern, glob, list, pipe: command or fsspec URL
     resolution: int = 1024           # shorter side resized to this, then cropped square
     clip_image_size: int = 224       # image-encoder input, resized (bicubic) from the training crop
-    random_crop: bool = False
-    center_crop: bool = True
+    random_crop: bool = False        # a random square crop instead of the centre (coordinates go to micro-conditioning)
+    center_crop: bool = True         # SDXL crop: the centre square
     random_flip: bool = False        # crop_coords_top_left is mirrored to match
     shuffle_buffer: int = 1000       # samples shuffled per block (held encoded, per worker)
     num_workers: int = 4             # DataLoader workers per rank; each reads its own shards
-    prefetch_factor: int = 2
+    prefetch_factor: int = 2         # batches each worker prepares ahead
     drop_image_prob: float = 0.05    # classifier-free guidance: image embedding zeroed
     drop_text_prob: float = 0.05     # caption replaced by ""
     drop_both_prob: float = 0.05     # both dropped
     max_image_pixels: int = 178956970  # decompression-bomb guard (2× PIL's default); bigger images are skipped
-    clip_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))
-    clip_std: List[float] = field(default_factory=lambda: list(CLIP_STD))
+    clip_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # image-encoder pixel normalisation
+    clip_std: List[float] = field(default_factory=lambda: list(CLIP_STD))    # image-encoder pixel normalisation
     # Aspect-ratio buckets: none = square crops at `resolution`; sdxl = SDXL's 41 sizes scaled to
     # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
     buckets: Any = "none"
     cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
     # Reference augmentation (instantstyle/augment.py), all off by default: what the image encoder sees is
-    # cut from the same image as the target but need not share its layout (README, "A training recipe").
+    # cut from the same image as the target but need not share its layout (docs/training.md).
     reference_crop: Optional[List[float]] = None  # [low, high] area fraction of an independent square crop
     reference_flip_prob: float = 0.0              # horizontal flip of the reference
     reference_shuffle_grid: int = 1               # N×N patch shuffle of the reference (1 = off)
@@ -153,10 +153,10 @@ class OptimConfig:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
     _convert_: str = "all"
-    lr: float = 1.0e-4
-    weight_decay: float = 1.0e-2
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1.0e-8
+    lr: float = 1.0e-4                 # peak learning rate (after warmup)
+    weight_decay: float = 1.0e-2       # decoupled weight decay (AdamW)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decays
+    eps: float = 1.0e-8                # Adam's denominator guard
 
     def __post_init__(self) -> None:
         require([(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})"),
@@ -169,10 +169,10 @@ class LoggerConfig:
 
     _target_: str = "train.loggers.build_trackers"
     name: str = "none"                 # none | tensorboard | wandb
-    project: str = "instantstyle"
+    project: str = "instantstyle"      # wandb project
     mode: str = "offline"              # wandb: online | offline (sync later: wandb sync RUN/wandb) | disabled
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: Optional[str] = None       # wandb team or user; null = your default
+    tags: List[str] = field(default_factory=list)  # wandb run tags
 
     def __post_init__(self) -> None:
         require([(self.name in LOGGERS, f"logger.name={self.name!r} — valid: {', '.join(LOGGERS)}"),
@@ -184,10 +184,10 @@ class TrainerConfig:
     """``trainer``: the loop's settings."""
 
     batch_size: int = 4                  # per process; global batch = batch_size × accumulation × processes
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000                # optimizer steps
     lr_scheduler: str = "constant"       # constant | cosine | linear, each after linear warmup
-    warmup_steps: int = 0
+    warmup_steps: int = 0                # linear lr warmup from 0
     max_grad_norm: Optional[float] = 1.0  # null = no clipping (the norm is still logged)
     mixed_precision: str = "auto"        # auto | no | fp16 | bf16: frozen nets run in it, adapter weights stay fp32;
                                          # auto = bf16 where the GPU has it, fp16 on older GPUs, no on CPU
@@ -196,15 +196,15 @@ class TrainerConfig:
     channels_last: bool = False          # UNet weights/activations in NHWC: faster convolutions on tensor cores
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     checkpoint_every: int = 500          # steps; 0 = only at the end and on preemption
-    checkpoints_to_keep: int = 3
-    seed: int = 42
+    checkpoints_to_keep: int = 3         # older checkpoints are deleted
+    seed: int = 42                       # data order, noise, dropout and init all follow from it
     noise_offset: float = 0.0            # e.g. 0.05: lets the model learn very dark/bright images
     snr_gamma: Optional[float] = None    # e.g. 5.0: min-SNR-γ loss weighting
     content_scale: float = 0.0           # λ of content-decoupled training: the reference's image embedding minus
                                          # λ × its caption's text embedding (InstantStyle's subtraction; ip_adapter)
     content_normalize: bool = False      # subtract on unit directions, rescaled to the image norm (λ ∈ [0, 1])
     ema: Optional[float] = None          # e.g. 0.999: EMA decay of the adapter weights (exported when set)
-    log_every: int = 10
+    log_every: int = 10                  # steps between log lines and tracker points
     validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
     record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
     max_nonfinite_steps: int = 10        # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
@@ -281,10 +281,10 @@ class ValidationConfig:
     prompts: Any = None              # text file (one prompt per line) or a list, e.g. ["a cat", "a house"]
     every: int = 0                   # steps between evaluations; 0 = off
     steps: int = 20                  # denoising steps per image
-    seeds: List[int] = field(default_factory=lambda: [0])
+    seeds: List[int] = field(default_factory=lambda: [0])  # one image per style × prompt × seed
     content_scale: float = 0.0       # λ of content subtraction (needs the captions and adapter=ip_adapter)
     height: Optional[int] = None     # null = the base's default size
-    width: Optional[int] = None
+    width: Optional[int] = None      # null = the base's default size
     csd: Optional[str] = None        # CSD checkpoint (.pth/.safetensors): adds val/csd_style_similarity
     dino: Optional[str] = None       # DINO / DINOv2 folder: adds val/dino_content_leakage
 
