@@ -51,6 +51,11 @@ def quiet_libraries() -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra's entry: train as ``cfg`` says; a mistake the user can fix is one line and exit 2."""
+    from train.sweep_points import hand_over_to_launch_sh
+
+    handed_over = hand_over_to_launch_sh(cfg.output_dir)  # a cluster sweep point on several GPUs or nodes
+    if handed_over is not None:
+        sys.exit(handed_over)
     quiet_libraries()
     from train.checkpoint import CheckpointError
     from train.loop import NonFiniteLoss

@@ -107,3 +107,26 @@ class ThroughputMeter:
                "loss": sum(self.losses) / max(len(self.losses), 1)}
         self.reset()
         return out
+
+
+HISTORY_NAME = "metrics.jsonl"  # RUN/metrics.jsonl: one line per log window, whatever the logger
+
+
+def append_history(run_dir: Path, record: dict) -> None:
+    """Append one log window; kept across resumes, so a preempted run keeps its whole curve."""
+    with open(Path(run_dir) / HISTORY_NAME, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The run's log windows in step order; a line torn by a kill is skipped, a resumed step counts once."""
+    path = Path(run_dir) / HISTORY_NAME
+    by_step = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record  # a step logged again after a resume: the newer window wins
+    return [by_step[step] for step in sorted(by_step)]

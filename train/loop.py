@@ -20,7 +20,7 @@ from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evalu
 from instantstyle.generate import StyleGenerator
 from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, check_finite, gather_json,
                               restore_rng, save_parts)
-from train.loggers import ThroughputMeter
+from train.loggers import ThroughputMeter, append_history
 from train.run import Run
 from train.sharding import ShardedAdaptedUNet, is_sharded
 
@@ -289,6 +289,8 @@ def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: torch.Tensor, bar) 
                "perf/samples_per_s": window["samples_per_s"], "perf/data_wait_frac": window["data_wait_frac"],
                **skipped}
     acc.log(metrics, step=run.step)
+    if acc.is_main_process:  # whatever the logger: train.sweep reads the curve from here
+        append_history(run.run_dir, {"step": run.step, **metrics})
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
     if bar.disable and acc.is_main_process:  # no bar in a redirected log: one line per window instead
         log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", run.step, run.trainer.max_steps, loss,
