@@ -27,7 +27,10 @@ from train.config import CONFIG_DIR, GROUPS, TrainConfig
 
 COMMAND = "python -m train.config_reference --out docs/config.md"
 FOLDER_NOTES = {"accelerate": "The `ACCELERATE_CONFIG` files of `./launch.sh` (Accelerate's own format, "
-                               "not a training group)."}
+                               "not a training group).",
+                "hydra/launcher": "Where the points of a sweep run (`python -m train -m hydra/launcher=slurm …`, "
+                                  "see [sweeps.md](sweeps.md)); besides these, hydra-submitit-launcher's own "
+                                  "`submitit_local` and `submitit_slurm`."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,7 @@ def choice_settings(path: Path, group: str) -> list[str]:
     items = describe_defaults(data.pop("defaults", []), group)
     sweep = (data.pop("hydra", None) or {}).get("sweeper", {}).get("params", {})
     items += [f"sweeps `{key}` over `{value}`" for key, value in sweep.items()]
-    prefix = "" if "@package _global_" in text else f"{group}."
+    prefix = "" if "@package _global_" in text else f"{group.replace('/', '.')}."
     items += [f"`{prefix}{key}={yaml_value(value)}`" for key, value in flatten(data) if key]
     return items
 
@@ -230,7 +233,8 @@ def render() -> str:
     out.append("")
     for name, cls in GROUPS.items():
         out += render_group(name, cls, defaults)
-    for name in sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()):
+    folders = {str(p.parent.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if p.parent != CONFIG_DIR}
+    for name in sorted(folders):  # accelerate/, hydra/launcher/
         if name not in GROUPS:
             out += render_group(name, None, defaults)
     return "\n".join(out).rstrip() + "\n"
