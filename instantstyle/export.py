@@ -24,6 +24,7 @@ from . import __version__
 from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, blocks_from_metadata, install_adapter
 from .blocks import cross_attention_layers, export_id, select_layers
 from .errors import AdapterFileError
+from .model_ids import portable_id
 from .projection import build_image_projection
 
 FORMAT = "instantstyle-ip-adapter"
@@ -63,9 +64,12 @@ def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, 
 
 
 def provenance(extra: Mapping[str, str], *, base_model: str, image_encoder: str, step: int) -> dict[str, str]:
-    """Where an adapter comes from, for any base family's file header: base, image encoder, step, version."""
-    return {"base_model": base_model or str(extra.get("base_model", "")),
-            "image_encoder": image_encoder or str(extra.get("image_encoder", "")),
+    """Where an adapter comes from, for any base family's file header: base, image encoder, step, version.
+
+    Bases and encoders are recorded as ``model_ids.portable_id`` gives them: never a local folder's path.
+    """
+    return {"base_model": portable_id(base_model or str(extra.get("base_model", ""))),
+            "image_encoder": portable_id(image_encoder or str(extra.get("image_encoder", ""))),
             "step": str(step), "framework_version": __version__}
 
 

@@ -32,6 +32,7 @@ from .adapter import AdapterSpec, InstantStyleAdapter
 from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
 from .errors import AdapterFileError, GenerationError
 from .export import check_shapes, read_adapter_file, spec_from_file
+from .model_ids import is_hub_id, same_model
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
 
 
@@ -235,6 +236,7 @@ def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None
 def trained_for(metadata: dict[str, str], base: str) -> str:
     """``"; it was trained for X"`` when the file names a base model other than ``base``, else ""."""
     trained = metadata.get("base_model", "")
-    if not trained or Path(trained).expanduser().resolve() == Path(base).expanduser().resolve():
+    if not trained or same_model(trained, base):
         return ""
-    return f"; it was trained for {trained} (pass --base {trained})"
+    hint = f" (pass --base {trained})" if is_hub_id(trained) else " (a folder of that name and config hash)"
+    return f"; it was trained for {trained}{hint}"

@@ -34,10 +34,11 @@ def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
 
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
                build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", encoders: bool = True) -> BaseModel:
+               device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None) -> BaseModel:
     """Load the frozen base (the ``model`` group's builder); the tiny base is made on first use.
 
-    ``encoders=False``: UNet and scheduler weights only (training from an embedding cache).
+    ``encoders=False``: UNet and scheduler weights only (training from an embedding cache). ``hub_id`` is
+    only recorded by exports (train/record.py).
     """
     path = resolve_model_path(path, must_exist=not build_if_missing)
     if build_if_missing and not Path(path, "unet").is_dir():

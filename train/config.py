@@ -56,6 +56,7 @@ class ModelConfig:
     _target_: str = "train.builders.build_base"
     path: str = MISSING                 # diffusers folder or hub id of the base
     image_encoder: Optional[str] = None  # REPO:SUBFOLDER or a folder; null = PATH/image_encoder
+    hub_id: Optional[str] = None        # the Hub id exports record when path is a local copy of a Hub model
     check_content_space: bool = True    # image and text embeddings must share one space (content subtraction)
     build_if_missing: bool = False      # make the tiny random base at PATH on first use
 

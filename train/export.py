@@ -1,6 +1,10 @@
-"""Export a training checkpoint in the ``ip-adapter.safetensors`` format stock diffusers loads.
+"""Export a training checkpoint as a folder to share: weights stock diffusers and ComfyUI load, a model card.
 
     python -m train.export RUN/checkpoints/checkpoint-00001000 --out FILE [--dtype fp16] [--ema] [--base PATH]
+
+``--out DIR`` writes the export folder DIR (``ip-adapter.safetensors``, ``README.md``, ``training.json``
+and ``samples.png`` when the run evaluated style references); ``--out FILE.safetensors`` writes
+that file and the card, record and grid beside it, in its folder.
 
 Only the base UNet is loaded (from the checkpoint's ``model.path`` unless ``--base``): inert
 layers need its ``to_k`` weights. Broken checkpoint, bad ``--out``, wrong base or block set:
@@ -59,26 +63,35 @@ def read_weights(checkpoint: Path, name: str) -> dict:
         raise CheckpointError(f"cannot read the {name} weights of {checkpoint}: {str(err).splitlines()[0]}") from err
 
 
+def weights_path(out: Path) -> Path:
+    """The weights file of ``--out``: FILE.safetensors itself, or DIR/ip-adapter.safetensors."""
+    from train.record import EXPORT_NAME
+
+    return out if out.suffix == ".safetensors" else out / EXPORT_NAME
+
+
 def check_out(out: Path) -> None:
-    """The export goes to a file name in an existing folder (checked before anything is loaded)."""
+    """The export folder's parent exists (checked before anything is loaded)."""
     from train.checkpoint import CheckpointError
 
-    if out.is_dir():
-        raise CheckpointError(f"--out {out} is a folder; give a file name such as {out / 'ip-adapter.safetensors'}")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"--out folder {out.parent} does not exist; create it first")
+    folder = weights_path(out).parent
+    if not folder.parent.is_dir():
+        raise CheckpointError(f"--out folder {folder.parent} does not exist; create it first")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--out {folder} is a file; give a folder or a name ending in .safetensors")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", ema: bool = False,
                       base: str | None = None) -> Path:
-    """Rebuild the adapter on the base UNet, load the checkpoint's (or EMA) weights and export."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """Rebuild the adapter on the base, load the checkpoint's (or EMA) weights and write the export folder.
 
-    from instantstyle.adapter import AdapterSpec, install_adapter
-    from instantstyle.export import export_safetensors
+    Returns the weights file.
+    """
+    from omegaconf import OmegaConf
+
     from train.builders import resolve_model_path
-    from train.checkpoint import CheckpointError
+    from train.families import export_adapter, share_info
+    from train.record import model_ids, write_export_folder
 
     checkpoint = Path(checkpoint)
     state = read_trainer_state(checkpoint)
@@ -87,14 +100,43 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     if ema:
         weights = weights.get("shadow") if isinstance(weights, dict) else None
         if weights is None:
+            from train.checkpoint import CheckpointError
+
             raise CheckpointError(f"{checkpoint.name}/ema.json has no shadow weights")
     # A run records model.path as the user wrote it; model=toy's relative path means the packaged toy base.
     base_path = resolve_model_path(base or identity["base_model"], must_exist=False)
-    if identity.get("family") == "flux":  # XLabs layout on the transformer's shape (train/flux_builders.py)
-        from train.flux_builders import export_flux_checkpoint
+    family, model, adapter = rebuild_adapter(identity, weights, base_path, checkpoint.name)
+    config = checkpoint / "config.yaml"
+    cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create({})
+    ids = model_ids(cfg, base_path, identity["image_encoder"])
+    path = weights_path(Path(out))
+    path.parent.mkdir(exist_ok=True)
+    export_adapter(family, model, adapter, path, step=state["step"], dtype=dtype, ids=ids)
+    share = share_info(family, model, adapter, weights_file=path.name, dtype=dtype)
+    write_export_folder(path.parent, cfg, identity=identity, step=state["step"], share=share, ids=ids,
+                        samples_seen=state.get("samples_seen"), run_dir=run_folder(checkpoint))
+    return path
 
-        return export_flux_checkpoint(identity, weights, out, dtype=dtype, base_path=base_path, step=state["step"],
-                                      name=checkpoint.name)
+
+def run_folder(checkpoint: Path) -> Path | None:
+    """RUN of RUN/checkpoints/checkpoint-N (its validation grids and metrics), or None elsewhere."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def rebuild_adapter(identity: dict, weights: dict, base_path: str, name: str):
+    """(family, UNet or meta FLUX transformer, adapter with the checkpoint's weights)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from instantstyle.adapter import AdapterSpec, install_adapter
+    from instantstyle.models import model_family
+    from train.checkpoint import CheckpointError
+
+    if identity.get("family") == "flux":  # XLabs layout on the transformer's shape (train/flux_builders.py)
+        from train.flux_builders import flux_adapter_from_checkpoint
+
+        adapter, transformer = flux_adapter_from_checkpoint(identity, weights, base_path=base_path, name=name)
+        return "flux", transformer, adapter
     try:
         unet = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", dtype=torch.float32)
     except (OSError, ValueError) as err:
@@ -103,22 +145,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     try:
         spec = AdapterSpec.from_metadata(identity)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint.name}: unreadable adapter identity ({err})") from err
+        raise CheckpointError(f"{name}: unreadable adapter identity ({err})") from err
     adapter = install_adapter(unet, spec)
     try:
         adapter.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint.name} does not fit the base at {base_path}: "
+        raise CheckpointError(f"{name} does not fit the base at {base_path}: "
                               f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from err
-    return export_safetensors(adapter, unet, out, dtype=dtype, base_model=identity["base_model"],
-                              image_encoder=identity["image_encoder"], step=state["step"])
+    return model_family(unet), unet, adapter
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/checkpoint-00001000")
-    parser.add_argument("--out", required=True, help="output .safetensors file (its folder must exist)")
+    parser.add_argument("--out", required=True, help="export folder, or FILE.safetensors (card and record go beside it)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the exported weights")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (needs trainer.ema)")
     parser.add_argument("--base", default=None, help="base model folder/id (default: the checkpoint's model.path)")

@@ -55,12 +55,29 @@ def adapter_identity(base, adapter: nn.Module) -> dict[str, str]:
     return adapter.spec.to_metadata()
 
 
-def export_adapter(base, adapter: nn.Module, path: Path, *, step: int, dtype: str = "fp32") -> Path:
-    """Write the adapter in the format stock diffusers loads for this family."""
-    if base.family == "flux":
+def export_adapter(family: str, model: nn.Module, adapter: nn.Module, path: Path, *, step: int,
+                   dtype: str = "fp32", ids: tuple[str, str] = ("", "")) -> Path:
+    """Write the adapter in the format stock diffusers loads for this family (``model`` = its denoiser).
+
+    ``ids`` = (base, image encoder) as the file records them.
+    """
+    if family == "flux":
         from instantstyle.flux_export import export_flux_safetensors
 
-        return export_flux_safetensors(adapter, base.transformer, path, dtype=dtype, step=step)
+        return export_flux_safetensors(adapter, model, path, dtype=dtype, step=step, base_model=ids[0],
+                                       image_encoder=ids[1])
     from instantstyle.export import export_safetensors
 
-    return export_safetensors(adapter, base.unet, path, dtype=dtype, step=step)
+    return export_safetensors(adapter, model, path, dtype=dtype, step=step, base_model=ids[0], image_encoder=ids[1])
+
+
+def share_info(family: str, model: nn.Module, adapter: nn.Module, *, weights_file: str, dtype: str) -> dict:
+    """What the model card needs from the live model: family, layer counts, diffusers/ComfyUI usage."""
+    info = {"family": family, "weights_file": weights_file, "dtype": dtype}
+    if family == "flux":
+        return {**info, "trained_layers": len(adapter.block_indices),
+                "all_layers": model.config.num_layers, "usage": {}}
+    from instantstyle.model_card import usage_for_unet
+
+    return {**info, "trained_layers": len(adapter.layer_names), "all_layers": len(adapter.all_layer_names),
+            "usage": usage_for_unet(model, adapter.spec)}

@@ -28,8 +28,11 @@ def is_flux(model_cfg: Any) -> bool:
 
 def build_flux_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = False,
                     build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", encoders: bool = True):
-    """Load the frozen FLUX base (the ``model`` group's builder); the tiny FLUX base is made on first use."""
+                    device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None):
+    """Load the frozen FLUX base (the ``model`` group's builder); the tiny FLUX base is made on first use.
+
+    ``hub_id`` is only recorded by exports (train/record.py).
+    """
     from instantstyle.flux_models import load_flux_base
 
     if not encoders:
@@ -161,15 +164,13 @@ def flux_identity(adapter) -> dict[str, str]:
             "resampler_dim": NO_RESAMPLER, **{k: str(v) for k, v in spec.extra.items()}}
 
 
-def export_flux_checkpoint(identity: dict, weights: dict, out: str | Path, *, dtype: str, base_path: str,
-                           step: int, name: str) -> Path:
-    """Rebuild the FLUX adapter from a checkpoint's identity and weights and export it (XLabs layout).
+def flux_adapter_from_checkpoint(identity: dict, weights: dict, *, base_path: str, name: str):
+    """(adapter, meta transformer) rebuilt from a FLUX checkpoint's identity and weights.
 
     Only the transformer's config is read (a meta-device model): the export needs its shapes,
     not 24 GB of frozen weights.
     """
     from instantstyle.flux import FluxAdapterSpec, install_flux_adapter
-    from instantstyle.flux_export import export_flux_safetensors
     from train.checkpoint import CheckpointError
 
     try:
@@ -189,5 +190,4 @@ def export_flux_checkpoint(identity: dict, weights: dict, out: str | Path, *, dt
         lines = str(err).splitlines()
         raise CheckpointError(f"{name} does not fit the base at {base_path}: "
                               f"{lines[1].strip() if len(lines) > 1 else err}") from None
-    return export_flux_safetensors(adapter, transformer, out, dtype=dtype, base_model=identity["base_model"],
-                                   image_encoder=identity["image_encoder"], step=step)
+    return adapter, transformer

@@ -26,13 +26,13 @@ from train.ema import EMA
 from train.families import adapted_model, adapter_identity, denoiser, export_adapter, task_for
 from train.loggers import Trackers, loggable_config
 from train.optim import build_lr_scheduler, build_optimizer
+from train.record import EXPORT_FOLDER, EXPORT_NAME, link_weights, model_ids, share_run
 from train.run import Run
 from train.run_lock import RunLock
 from train.sharding import shard_frozen_unet, take_over_sharding, whole_unet
 from train.task import rank_seed
 
 log = logging.getLogger(__name__)
-EXPORT_NAME = "ip-adapter.safetensors"
 
 
 def make_accelerator(trainer: TrainerConfig, trackers: Trackers, run_dir: Path) -> Accelerator:
@@ -192,10 +192,19 @@ def restore(run: Run, folder: Path) -> None:
 
 
 def export_final(run: Run) -> Path:
-    """``RUN/ip-adapter.safetensors`` (EMA weights when EMA is on)."""
+    """``RUN/export/`` to share (weights, model card, training record, samples) and ``RUN/ip-adapter.safetensors``.
+
+    Both hold the same weights (EMA weights when EMA is on); the second is a hard link, written last.
+    """
     if run.ema is not None:
         run.ema.copy_to(run.adapter)
-    return export_adapter(run.base, run.adapter, run.run_dir / EXPORT_NAME, dtype="fp32", step=run.step)
+    cfg, folder = OmegaConf.create(run.config_yaml), run.run_dir / EXPORT_FOLDER
+    ids = model_ids(cfg, run.base.path, run.base.image_encoder_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = export_adapter(run.base.family, denoiser(run.base), run.adapter, folder / EXPORT_NAME, dtype="fp32",
+                          step=run.step, ids=ids)
+    share_run(run, cfg, ids, folder)
+    return link_weights(path, run.run_dir / EXPORT_NAME)
 
 
 def exported_step(path: Path) -> int | None:
