@@ -155,11 +155,11 @@ def test_export_of_broken_checkpoint_is_one_line(checkpoint, tmp_path, capsys, h
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("where", ["missing folder", "existing folder"])
+@pytest.mark.parametrize("where", ["missing folder", "existing file"])
 def test_export_to_bad_out_is_one_line_and_leaves_nothing(checkpoint, tmp_path, capsys, where):
     out = tmp_path / "nowhere" / "a.safetensors" if where == "missing folder" else tmp_path / "taken"
-    if where == "existing folder":
-        out.mkdir()
+    if where == "existing file":  # --out DIR is the export folder; a file of that name is in the way
+        out.write_text("not a folder")
     rc, err = run_export([str(checkpoint), "--out", str(out)], capsys)
     assert_one_line(rc, err, str(out.parent if where == "missing folder" else out))
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "nowhere").exists()

@@ -67,9 +67,32 @@ def build_adapter(base: BaseModel, *, blocks: list[str] | None, type: str, num_t
 
         return build_flux_adapter(base, blocks=blocks, num_tokens=num_tokens, init_from=init_from)
     spec = adapter_spec(base, type=type, num_tokens=num_tokens, resampler_dim=resampler_dim, blocks=blocks)
-    if init_from:
-        adapter = load_adapter(init_from, base.unet, blocks=blocks)
-        adapter.spec = spec
-    else:
-        adapter = install_adapter(base.unet, spec)
+    adapter = init_adapter(base, spec, init_from) if init_from else install_adapter(base.unet, spec)
     return adapter.to(base.unet.device, torch.float32)
+
+
+def init_adapter(base: BaseModel, spec: AdapterSpec, path: str) -> InstantStyleAdapter:
+    """Start from an adapter file (ours, or a released one in diffusers' / ComfyUI's layout, flat .safetensors
+    or nested .bin): its projection and the chosen blocks' layers; every other layer gets no branch.
+
+    The file must be the adapter the config describes: a one-line ``ConfigError`` names what differs.
+    """
+    from instantstyle.errors import AdapterFileError
+
+    try:
+        adapter = load_adapter(path, base.unet, blocks=spec.blocks)
+    except AdapterFileError as err:
+        raise ConfigError(f"adapter.init_from={path}: {str(err).splitlines()[0]}") from None
+    found = adapter.spec
+    plus = spec.adapter_type == "ip_adapter_plus"
+    for what, want, got, fix in [
+            ("type", spec.adapter_type, found.adapter_type, f"adapter={found.adapter_type}"),
+            ("image tokens", spec.num_tokens, found.num_tokens, f"adapter.num_tokens={found.num_tokens}"),
+            ("resampler width", spec.resampler_dim if plus else None, found.resampler_dim if plus else None,
+             f"adapter.resampler_dim={found.resampler_dim}"),
+            ("image feature width", spec.image_embed_dim, found.image_embed_dim,
+             "model.image_encoder to the encoder the file was trained with")]:
+        if want != got:
+            raise ConfigError(f"adapter.init_from={path}: the file's {what} is {got}, the config's {want}; set {fix}")
+    adapter.spec = spec  # the file's weights under this run's provenance
+    return adapter

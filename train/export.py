@@ -71,12 +71,13 @@ def weights_path(out: Path) -> Path:
 
 
 def check_out(out: Path) -> None:
-    """The export folder's parent exists (checked before anything is loaded)."""
+    """FILE.safetensors goes into an existing folder; DIR is made in an existing one (checked before loading)."""
     from train.checkpoint import CheckpointError
 
     folder = weights_path(out).parent
-    if not folder.parent.is_dir():
-        raise CheckpointError(f"--out folder {folder.parent} does not exist; create it first")
+    must_exist = folder if out.suffix == ".safetensors" else folder.parent
+    if not must_exist.is_dir():
+        raise CheckpointError(f"--out folder {must_exist} does not exist; create it first")
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--out {folder} is a file; give a folder or a name ending in .safetensors")
 

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from instantstyle import __version__
+from instantstyle.adapter import blocks_from_metadata
 from instantstyle.model_card import RECORD_FORMAT, write_share_files
 from instantstyle.model_ids import portable_id
 
@@ -90,7 +91,7 @@ def training_record(cfg: DictConfig, *, identity: dict, step: int, samples_seen:
     record = {
         "format": RECORD_FORMAT, "framework_version": __version__, "family": share["family"],
         "base_model": ids[0], "image_encoder": ids[1],
-        "adapter": {"type": identity["adapter_type"], "target_blocks": json.loads(identity["target_blocks"]),
+        "adapter": {"type": identity["adapter_type"], "target_blocks": list(blocks_from_metadata(identity["target_blocks"])),
                     "num_tokens": int(identity["num_tokens"]), "image_embed_dim": int(identity["image_embed_dim"]),
                     "resampler_dim": int(identity["resampler_dim"]) if identity["adapter_type"] == "ip_adapter_plus" else None, "trained_layers": share["trained_layers"],
                     "all_layers": share["all_layers"], "weights_file": share["weights_file"],
