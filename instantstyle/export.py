@@ -28,6 +28,7 @@ from .model_ids import portable_id
 from .projection import build_image_projection
 
 FORMAT = "instantstyle-ip-adapter"
+COMPACT = "compact"  # metadata ``layout`` of a file holding only the trained layers
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Metadata fields that hold whole numbers (all metadata values are strings).
 INTEGER_FIELDS = ("num_tokens", "image_embed_dim", "resampler_dim", "cross_attention_dim",
@@ -35,14 +36,16 @@ INTEGER_FIELDS = ("num_tokens", "image_embed_dim", "resampler_dim", "cross_atten
 
 
 def export_tensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The full IP-Adapter state dict: trained target layers, inert placeholders elsewhere."""
+                   dtype: torch.dtype = torch.float32, compact: bool = False) -> dict[str, torch.Tensor]:
+    """The full IP-Adapter state dict: trained target layers, inert placeholders elsewhere (none if ``compact``)."""
     tensors = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
     trained = dict(zip(adapter.layer_names, adapter.layers))
     for i, name in enumerate(adapter.all_layer_names):
         key = f"ip_adapter.{export_id(i)}"
         if name in trained:
             to_k, to_v = trained[name].to_k_ip.weight, trained[name].to_v_ip.weight
+        elif compact:
+            continue
         else:
             to_k = attention_module(unet, name).to_k.weight
             to_v = torch.zeros_like(to_k)
@@ -50,8 +53,32 @@ def export_tensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
 
 
+def complete_layers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], unet: UNet2DConditionModel,
+                    path: str | Path) -> dict[str, torch.Tensor]:
+    """A compact file's tensors with the inert placeholders put back, as in a full export; others unchanged.
+
+    The placeholders come from the base (``to_k``) and zeros, so a compact file loads wherever a full one does.
+    """
+    if metadata.get("layout") != COMPACT:
+        return tensors
+    names = cross_attention_layers(unet.attn_processors)
+    if metadata.get("num_cross_attention_layers") != str(len(names)):
+        raise AdapterFileError(f"{Path(path).name} does not fit this base model: it was made for "
+                               f"{metadata.get('num_cross_attention_layers')} cross-attention layers, "
+                               f"the base model has {len(names)}")
+    dtype = next(iter(tensors.values())).dtype
+    full = dict(tensors)
+    for i, name in enumerate(names):
+        key = f"ip_adapter.{export_id(i)}"
+        if f"{key}.to_k_ip.weight" not in full:
+            to_k = attention_module(unet, name).to_k.weight.detach()
+            full[f"{key}.to_k_ip.weight"] = to_k.to(dtype).clone()
+            full[f"{key}.to_v_ip.weight"] = torch.zeros(to_k.shape, dtype=dtype, device=to_k.device)
+    return full
+
+
 def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, base_model: str = "",
-                   image_encoder: str = "", step: int = 0) -> dict[str, str]:
+                   image_encoder: str = "", step: int = 0, compact: bool = False) -> dict[str, str]:
     """String metadata stored in the safetensors header."""
     spec = adapter.spec
     return {
@@ -59,6 +86,7 @@ def build_metadata(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, *, 
         "format": FORMAT,
         "cross_attention_dim": str(unet.config.cross_attention_dim),
         "num_cross_attention_layers": str(len(adapter.all_layer_names)),
+        **({"layout": COMPACT} if compact else {}),
         **provenance(spec.extra, base_model=base_model, image_encoder=image_encoder, step=step),
     }
 
@@ -75,11 +103,15 @@ def provenance(extra: Mapping[str, str], *, base_model: str, image_encoder: str,
 
 def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel, path: str | Path, *,
                        dtype: str | torch.dtype = torch.float32, base_model: str = "",
-                       image_encoder: str = "", step: int = 0) -> Path:
-    """Write ``path`` atomically (temporary file, then rename) in the documented format."""
+                       image_encoder: str = "", step: int = 0, compact: bool = False) -> Path:
+    """Write ``path`` atomically (temporary file, then rename) in the documented format.
+
+    ``compact``: the trained layers only; our loaders complete it from the base, stock loaders cannot.
+    """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step)
-    return write_adapter_file(export_tensors(adapter, unet, dtype), metadata, path)
+    metadata = build_metadata(adapter, unet, base_model=base_model, image_encoder=image_encoder, step=step,
+                              compact=compact)
+    return write_adapter_file(export_tensors(adapter, unet, dtype, compact), metadata, path)
 
 
 def write_adapter_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
@@ -244,6 +276,7 @@ def load_adapter(path: str | Path, unet: UNet2DConditionModel,
     """
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
+    tensors = complete_layers(tensors, metadata, unet, path)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     if blocks is not None:
         spec = AdapterSpec(spec.adapter_type, tuple(blocks), spec.image_embed_dim, spec.num_tokens,

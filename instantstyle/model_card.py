@@ -98,6 +98,8 @@ def render_card(record: dict) -> str:
     sections = [front_matter(record), summary_section(record), samples_section(record)]
     if record["family"] == "flux":
         sections.append(flux_usage(record))
+    elif record["adapter"].get("layout") == "compact":
+        sections.append(compact_usage(record))
     else:
         sections += [diffusers_usage(record), comfyui_section(record)]
     sections.append(training_section(record))
@@ -165,6 +167,14 @@ def diffusers_usage(record: dict) -> str:
     return ("## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```\n\n"
             "`python -m instantstyle.generate --base BASE --adapter ip-adapter.safetensors --style-image style.png "
             "--prompt P --content-prompt C --content-scale 0.5` adds InstantStyle's content subtraction.\n")
+
+
+def compact_usage(record: dict) -> str:
+    """A compact file holds the trained layers only: InstantStyle completes it from the base, stock loaders cannot."""
+    return ("## Use\n\nThis is a compact export (the trained layers only). InstantStyle loads it as it is:\n\n"
+            f"```bash\npython -m instantstyle.generate --base BASE --adapter {record['adapter']['weights_file']} "
+            "--style-image style.png --prompt \"a cat\" --out cat.png\n```\n\n"
+            "Stock diffusers and ComfyUI need every layer: export the checkpoint again without `--compact`.\n")
 
 
 def comfyui_section(record: dict) -> str:

@@ -31,7 +31,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from .adapter import AdapterSpec, InstantStyleAdapter
 from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
 from .errors import AdapterFileError, GenerationError
-from .export import check_shapes, read_adapter_file, spec_from_file
+from .export import check_shapes, complete_layers, read_adapter_file, spec_from_file
 from .model_ids import is_hub_id, same_model
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
 
@@ -98,6 +98,7 @@ def read_checked_adapter(path: str | Path, unet: UNet2DConditionModel) -> tuple[
     """Tensors (nested as diffusers expects) and spec of an adapter file that fits ``unet``."""
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
+    tensors = complete_layers(tensors, metadata, unet, path)
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     # diffusers needs every cross-attention layer's weights, trained or not.
     everything = AdapterSpec(spec.adapter_type, ALL_BLOCKS, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
@@ -224,6 +225,10 @@ def preflight(base: str, adapter: str | Path, blocks: str | Sequence[str] | None
     # The whole file, not just its header: NaN or integer weights must fail before the base loads.
     tensors, metadata = read_adapter_file(path)
     unet = meta_unet(base)
+    try:
+        tensors = complete_layers(tensors, metadata, unet, path)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{err}{trained_for(metadata, base)}") from err
     spec = spec_from_file(tensors, metadata, unet.config.cross_attention_dim, path)
     everything = AdapterSpec(spec.adapter_type, ALL_BLOCKS, spec.image_embed_dim, spec.num_tokens, spec.resampler_dim)
     try:

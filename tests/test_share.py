@@ -101,7 +101,8 @@ def test_card_diffusers_snippet_runs_as_written(finished_run, tiny_model_dir, tm
 
 def test_export_cli_writes_the_same_folder_to_a_folder_or_beside_a_file(finished_run, tmp_path, capsys):
     checkpoint = finished_run / "checkpoints" / "checkpoint-00000002"
-    export_main([str(checkpoint), "--out", str(tmp_path / "shared")])
+    export_main([str(checkpoint), "--out", str(tmp_path / "shared")])  # DIR is made; FILE's folder must exist
+    (tmp_path / "beside").mkdir()
     export_main([str(checkpoint), "--out", str(tmp_path / "beside" / "style.safetensors")])
     assert {p.name for p in (tmp_path / "shared").iterdir()} == SHARED
     assert {p.name for p in (tmp_path / "beside").iterdir()} == SHARED - {"ip-adapter.safetensors"} | {"style.safetensors"}
@@ -227,3 +228,43 @@ def test_init_from_a_file_for_another_base_is_a_config_error(tiny_model_dir, tmp
     with pytest.raises(ConfigError, match=r"^adapter.init_from=.*does not fit this base model"):
         build_adapter(build_base(tiny_model_dir), blocks=[STYLE], type="ip_adapter", num_tokens=4,
                       resampler_dim=1280, init_from=str(path))
+
+
+def test_compact_export_holds_trained_layers_only_and_loads_as_the_full_one(finished_run, tiny_model_dir, tmp_path):
+    from instantstyle.models import load_base
+    from instantstyle.pipeline import read_checked_adapter, trained_for
+
+    checkpoint = finished_run / "checkpoints" / "checkpoint-00000002"
+    export_main([str(checkpoint), "--out", str(tmp_path / "compact"), "--compact"])
+    compact = tmp_path / "compact" / "ip-adapter.safetensors"
+    full = finished_run / "export" / "ip-adapter.safetensors"
+    tensors, meta = read_adapter_file(compact)
+    trained = {k.split(".")[1] for k, v in read_adapter_file(full)[0].items() if k.endswith("to_v_ip.weight") and v.any()}
+    assert meta["layout"] == "compact" and {k.split(".")[1] for k in tensors if k.startswith("ip_adapter.")} == trained
+    assert compact.stat().st_size < full.stat().st_size / 3
+    unet = load_base(tiny_model_dir).unet
+    nested_compact, spec = read_checked_adapter(compact, unet)
+    nested_full, _ = read_checked_adapter(full, unet)
+    assert spec.blocks == (STYLE,)
+    for group in nested_full:  # diffusers receives exactly what it gets from the full file
+        assert nested_full[group].keys() == nested_compact[group].keys()
+        assert all(torch.equal(nested_full[group][k], nested_compact[group][k]) for k in nested_full[group])
+    card = (tmp_path / "compact" / "README.md").read_text()
+    assert "compact export" in card and "set_ip_adapter_scale" not in card
+    assert json.loads((tmp_path / "compact" / "training.json").read_text())["adapter"]["layout"] == "compact"
+    assert trained_for(meta, tiny_model_dir) == ""  # the base check still recognises the base it was trained on
+
+
+def test_compact_export_on_another_base_is_one_line(finished_run, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from instantstyle.errors import AdapterFileError
+    from instantstyle.export import load_adapter
+
+    export_main([str(finished_run / "checkpoints" / "checkpoint-00000002"), "--out", str(tmp_path / "c"), "--compact"])
+    config = dict(UNet2DConditionModel.load_config(json.loads((finished_run / "checkpoints" / "checkpoint-00000002"
+                                                              / "trainer_state.json").read_text())["identity"]["base_model"],
+                                                   subfolder="unet"))
+    config["transformer_layers_per_block"] = [1, 1, 1]
+    with pytest.raises(AdapterFileError, match=r"made for 22 cross-attention layers, the base model has 11$"):
+        load_adapter(tmp_path / "c" / "ip-adapter.safetensors", UNet2DConditionModel.from_config(config))

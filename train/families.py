@@ -56,10 +56,10 @@ def adapter_identity(base, adapter: nn.Module) -> dict[str, str]:
 
 
 def export_adapter(family: str, model: nn.Module, adapter: nn.Module, path: Path, *, step: int,
-                   dtype: str = "fp32", ids: tuple[str, str] = ("", "")) -> Path:
+                   dtype: str = "fp32", ids: tuple[str, str] = ("", ""), compact: bool = False) -> Path:
     """Write the adapter in the format stock diffusers loads for this family (``model`` = its denoiser).
 
-    ``ids`` = (base, image encoder) as the file records them.
+    ``ids`` = (base, image encoder) as the file records them; ``compact`` = trained layers only (UNet bases).
     """
     if family == "flux":
         from instantstyle.flux_export import export_flux_safetensors
@@ -68,12 +68,14 @@ def export_adapter(family: str, model: nn.Module, adapter: nn.Module, path: Path
                                        image_encoder=ids[1])
     from instantstyle.export import export_safetensors
 
-    return export_safetensors(adapter, model, path, dtype=dtype, step=step, base_model=ids[0], image_encoder=ids[1])
+    return export_safetensors(adapter, model, path, dtype=dtype, step=step, base_model=ids[0], image_encoder=ids[1],
+                              compact=compact)
 
 
-def share_info(family: str, model: nn.Module, adapter: nn.Module, *, weights_file: str, dtype: str) -> dict:
+def share_info(family: str, model: nn.Module, adapter: nn.Module, *, weights_file: str, dtype: str,
+               compact: bool = False) -> dict:
     """What the model card needs from the live model: family, layer counts, diffusers/ComfyUI usage."""
-    info = {"family": family, "weights_file": weights_file, "dtype": dtype}
+    info = {"family": family, "weights_file": weights_file, "dtype": dtype, "layout": "compact" if compact else "full"}
     if family == "flux":
         return {**info, "trained_layers": len(adapter.block_indices),
                 "all_layers": model.config.num_layers, "usage": {}}
