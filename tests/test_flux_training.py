@@ -16,6 +16,7 @@ from test_flux import transformer_inputs
 from instantstyle.flux import FluxStyleBlockProcessor
 from instantstyle.flux_export import read_flux_file
 from instantstyle.flux_models import encode_flux_prompts, load_flux_base
+from instantstyle.model_ids import portable_id
 from train.config import ConfigError, compose
 from train.checks import validate_config
 from train.export import main as export_main
@@ -99,7 +100,8 @@ def test_flux_resume_after_preemption_is_bitwise_identical(uninterrupted, flux_d
 def test_training_export_loads_in_stock_flux_pipeline_and_matches_our_adapter(uninterrupted, flux_dir):
     out, run = uninterrupted
     tensors, meta = read_flux_file(out / "ip-adapter.safetensors")
-    assert json.loads(meta["double_blocks"]) == [1] and meta["step"] == "4" and meta["base_model"] == flux_dir
+    assert json.loads(meta["double_blocks"]) == [1] and meta["step"] == "4"
+    assert meta["base_model"] == portable_id(flux_dir) and flux_dir not in meta["base_model"]  # no local path
     stock = FluxPipeline.from_pretrained(flux_dir)
     stock.load_ip_adapter(str(out), weight_name="ip-adapter.safetensors")
     embeds = stock.encode_image(Image.new("RGB", (64, 64), (200, 40, 90)), "cpu", 1).repeat(2, 1)
