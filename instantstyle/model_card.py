@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .blocks import ALL_BLOCKS, block_of, cross_attention_layers, select_layers
+from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, select_layers
 from .model_ids import is_hub_id
 
 CARD_NAME, RECORD_NAME, SAMPLES_NAME = "README.md", "training.json", "samples.png"
@@ -77,7 +77,11 @@ def usage_for_unet(unet, spec) -> dict:
 
     names = list(unet.attn_processors.keys())
     family = model_family(unet)
-    return {"diffusers_scale": diffusers_scale_dict(unet, spec.blocks, 1.0),
+    try:
+        scale = diffusers_scale_dict(unet, spec.blocks, 1.0)
+    except UnknownBlockError:  # part of a block: diffusers cannot address it, and 1.0 is the same (the rest is zero)
+        scale = 1.0
+    return {"diffusers_scale": scale,
             "comfyui": comfyui_usage(names, spec.blocks, family=family,
                                      cross_attention_dim=unet.config.cross_attention_dim,
                                      adapter_type=spec.adapter_type, num_tokens=spec.num_tokens,
@@ -121,9 +125,10 @@ def summary_section(record: dict) -> str:
     """Title and one paragraph: which blocks, which projection, which base."""
     a, t = record["adapter"], record["training"]
     blocks = ", ".join(f"`{b}`" for b in a["target_blocks"])
+    layers = "double-stream blocks" if record["family"] == "flux" else "cross-attention layers"
     return (f"# InstantStyle adapter ({a['type']}, {record['family']})\n\n"
             f"An IP-Adapter whose image branch exists only in {blocks} ({a['trained_layers']} of "
-            f"{a['all_layers']} cross-attention layers), trained with InstantStyle "
+            f"{a['all_layers']} {layers}), trained with InstantStyle "
             f"{record['framework_version']} for {t['steps']} steps on `{record['base_model']}` with the image "
             f"encoder `{record['image_encoder']}`; {a['num_tokens']} image tokens. Every other layer's image "
             "branch is zero, so it adds nothing at any scale.\n")
@@ -133,6 +138,9 @@ def samples_section(record: dict) -> str:
     """The grid, or the command that makes one."""
     if record.get("samples"):
         return f"## Samples\n\n![samples]({record['samples']})\n"
+    if record["family"] == "flux":  # no validation grid or evaluate command for FLUX here
+        return ("## Samples\n\nGenerate a few images with the snippet below, save them as `samples.png` "
+                "and add `![samples](samples.png)` to this card.\n")
     return ("## Samples\n\nThis run had no style references. To add a grid, generate one and copy it here:\n\n"
             "```bash\npython -m instantstyle.evaluate --base BASE --adapter ip-adapter.safetensors "
             "--styles STYLE_DIR --prompts prompts.txt --out eval\ncp eval/grid.png samples.png\n```\n"

@@ -268,3 +268,13 @@ def test_compact_export_on_another_base_is_one_line(finished_run, tmp_path):
     config["transformer_layers_per_block"] = [1, 1, 1]
     with pytest.raises(AdapterFileError, match=r"made for 22 cross-attention layers, the base model has 11$"):
         load_adapter(tmp_path / "c" / "ip-adapter.safetensors", UNet2DConditionModel.from_config(config))
+
+
+def test_usage_of_a_partly_trained_block_falls_back_to_one_scale(tiny_base):
+    from instantstyle.adapter import AdapterSpec, install_adapter
+    from instantstyle.model_card import usage_for_unet
+
+    layer = f"{STYLE}.transformer_blocks.0"  # one of the block's two layers
+    adapter = install_adapter(tiny_base.unet, AdapterSpec("ip_adapter", (layer,), 32, 4))
+    usage = usage_for_unet(tiny_base.unet, adapter.spec)
+    assert usage["diffusers_scale"] == 1.0 and usage["comfyui"]["transformer_indices"] == [6]

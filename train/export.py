@@ -91,18 +91,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     from omegaconf import OmegaConf
 
     from train.builders import resolve_model_path
+    from train.checkpoint import CheckpointError
     from train.families import export_adapter, share_info
     from train.record import model_ids, write_export_folder
 
     checkpoint = Path(checkpoint)
     state = read_trainer_state(checkpoint)
     identity = state["identity"]
+    if compact and identity.get("family") == "flux":
+        raise CheckpointError("--compact is for SDXL and SD 1.5 adapters; FLUX files hold every block")
     weights = read_weights(checkpoint, "ema" if ema else "adapter")
     if ema:
         weights = weights.get("shadow") if isinstance(weights, dict) else None
         if weights is None:
-            from train.checkpoint import CheckpointError
-
             raise CheckpointError(f"{checkpoint.name}/ema.json has no shadow weights")
     # A run records model.path as the user wrote it; model=toy's relative path means the packaged toy base.
     base_path = resolve_model_path(base or identity["base_model"], must_exist=False)
@@ -112,10 +113,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     ids = model_ids(cfg, base_path, identity["image_encoder"])
     path = weights_path(Path(out))
     path.parent.mkdir(exist_ok=True)
-    if compact and family == "flux":
-        from train.checkpoint import CheckpointError
-
-        raise CheckpointError("--compact is for SDXL and SD 1.5 adapters; FLUX files are small already")
     export_adapter(family, model, adapter, path, step=state["step"], dtype=dtype, ids=ids, compact=compact)
     share = share_info(family, model, adapter, weights_file=path.name, dtype=dtype, compact=compact)
     write_export_folder(path.parent, cfg, identity=identity, step=state["step"], share=share, ids=ids,

@@ -57,6 +57,8 @@ def data_size(cfg: DictConfig) -> dict:
         counts = shard_sample_counts(urls)
     except Exception:  # noqa: BLE001 - the shards may live on another machine; the size is then unknown
         return {"shards": None, "samples": None}
+    if not urls:
+        return {"shards": None, "samples": None}
     return {"shards": len(urls), "samples": None if None in counts else sum(counts)}
 
 
