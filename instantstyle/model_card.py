@@ -196,7 +196,7 @@ def comfyui_section(record: dict) -> str:
             "2. Load them with **IPAdapter Model Loader** and **Load CLIP Vision**.\n"
             f"3. Apply with **IPAdapter Advanced**, weight type **{c['weight_type']}**")
     if c["weight_type"] == "linear" and c["layer_weights"]:
-        text += (" (the untrained layers are zero, so every weight type reaches only the trained blocks); "
+        text += (" (it covers every layer, and the untrained ones are zero, so it acts on the trained blocks only); "
                  f"to address them exactly, use **IPAdapter Mad Scientist** with layer_weights `{c['layer_weights']}`")
     return text + f".\n\nComfyUI's transformer indices of the trained blocks: {c['transformer_indices']}.\n"
 
