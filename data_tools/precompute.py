@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from data_tools.buckets import nearest_bucket, parse_buckets
-from data_tools.embedding_cache import (VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
+from data_tools.embedding_cache import (DTYPES, VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
                                         save_empty_prompt, source_id)
 from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, TruncatedTar, decode_caption, decode_meta,
                                expand_shards, image_member, iter_samples, open_image, open_shard, write_manifest,
@@ -39,7 +39,6 @@ from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,6 +172,18 @@ def empty_prompt(base: BaseModel, batch_size: int) -> tuple[torch.Tensor, torch.
     return embeds[0], None if pooled is None else pooled[0]
 
 
+@torch.no_grad()
+def tensor_shapes(base: BaseModel, args: argparse.Namespace, prompt_embeds: torch.Tensor,
+                  pooled: torch.Tensor | None) -> dict:
+    """The identity's ``shapes``: training checks every cached sample against them before it is batched."""
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)  # the VAE's downscale (diffusers' vae_scale_factor)
+    probe = torch.zeros(1, 3, args.clip_image_size, args.clip_image_size, device=base.unet.device)
+    features = encode_image(base.image_encoder, probe, args.adapter_type)
+    return {"latent": [int(base.vae.config.latent_channels), factor], "prompt_embeds": list(prompt_embeds.shape),
+            "pooled_prompt_embeds": None if pooled is None else list(pooled.shape),
+            "image_features": list(features.shape[1:])}
+
+
 def count_samples(path: Path) -> int:
     """Samples in a finished cache shard (headers only: member data is seeked over)."""
     progress = [0]
@@ -209,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState()
     base = load_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=state.device,
                      check_content=False)
+    embeds, pooled = empty_prompt(base, args.batch_size)
     identity = cache_identity(base_model=source_id(base.path), image_encoder=source_id(base.image_encoder_path),
                               adapter_type=args.adapter_type, resolution=args.resolution,
                               buckets=None if buckets is None else [list(b) for b in buckets],
                               clip_image_size=args.clip_image_size, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                               dtype=args.dtype, encode_batch_size=args.batch_size,
                               scaling_factor=float(base.vae.config.scaling_factor),
-                              reference=reference_identity(args))
+                              shapes=tensor_shapes(base, args, embeds, pooled), reference=reference_identity(args))
     found = read_identity(args.out)
     mismatch = found and (identity_mismatch(found, identity) or
                           (found.get("dtype"), found.get("encode_batch_size"), found.get("reference"))
@@ -226,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         write_manifest(args.out, Manifest(options={"cache": identity}))
-        embeds, pooled = empty_prompt(base, args.batch_size)
         save_empty_prompt(args.out, embeds.to(DTYPES[args.dtype]), None if pooled is None else pooled.to(DTYPES[args.dtype]))
     state.wait_for_everyone()
     mine = urls[state.process_index::state.num_processes]

@@ -35,6 +35,11 @@ from PIL import Image, UnidentifiedImageError
 
 # --- locating shards -------------------------------------------------------
 
+def is_remote(url: str) -> bool:
+    """True for fsspec URLs (``s3://…``, ``https://…``); False for local paths, ``file://`` and ``pipe:`` commands."""
+    return "://" in url and not url.startswith(("file://", "pipe:"))
+
+
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Brace patterns, globs, lists, `pipe:` commands and URLs → an ordered list of shard URLs."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -184,9 +189,13 @@ def read_manifest(out_dir: Path) -> Manifest | None:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text("utf-8"))
-    if raw.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {raw.get('version')!r}")
+    return manifest_from_json(json.loads(path.read_text("utf-8")), str(path))
+
+
+def manifest_from_json(raw: dict, source: str) -> Manifest:
+    """A parsed manifest.json (from `source`, named in errors) as a Manifest."""
+    if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{source}: unsupported manifest version {raw.get('version') if isinstance(raw, dict) else raw!r}")
     shards = [ShardRecord(**s) for s in raw.get("shards", [])]
     return Manifest(shards, raw.get("skipped", []), bool(raw.get("complete")), raw.get("options", {}))
 

@@ -108,6 +108,9 @@ class DataConfig:
     # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
     buckets: Any = "none"
     cached: bool = False             # shards hold precomputed encoder outputs (data=cached; data_tools.precompute)
+    # data=cached: the cache folder (path or fsspec URL) with its manifest.json and empty_prompt.safetensors;
+    # null = the shards' own folder. Needed when the shards are pipe: commands.
+    cache_dir: Optional[str] = None
     # Reference augmentation (instantstyle/augment.py), all off by default: what the image encoder sees is
     # cut from the same image as the target but need not share its layout (docs/training.md).
     reference_crop: Optional[List[float]] = None  # [low, high] area fraction of an independent square crop
