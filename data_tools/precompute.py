@@ -29,8 +29,8 @@ from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.embedding_cache import (DTYPES, VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
                                         save_empty_prompt, source_id)
 from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, TruncatedTar, decode_caption, decode_meta,
-                               expand_shards, image_member, iter_samples, open_image, open_shard, write_manifest,
-                               write_shard)
+                               expand_shards, image_member, iter_samples, open_image, open_shard, upright_size,
+                               write_manifest, write_shard)
 from data_tools.toy_data import CLIP_MEAN, CLIP_STD
 from data_tools.transforms import augmented_view, original_size, prepare_image
 from instantstyle.augment import ReferenceAugment
@@ -71,7 +71,7 @@ def prepare(raw, args: argparse.Namespace, buckets) -> dict:
         raise BadSample(raw.error)
     data, caption, meta = image_member(raw.members), decode_caption(raw.members), decode_meta(raw.members)
     image = open_image(data, args.max_image_pixels)
-    size = (args.resolution,) * 2 if buckets is None else nearest_bucket(*image.size, buckets)
+    size = (args.resolution,) * 2 if buckets is None else nearest_bucket(*upright_size(image), buckets)
     augment = reference_augment(args)
     prepared = prepare_image(image, size, args.clip_image_size,
                              keep_decoded=augment is not None and augment.crop_scale is not None)

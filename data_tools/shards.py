@@ -13,7 +13,7 @@ stays opaque bytes, so a shard can never make us unpickle anything. The tar pars
 own (≈60 lines) because stdlib `tarfile` silently treats an archive cut at a header boundary
 as complete, and we must count truncated shards; it also seeks over samples a resumed run
 has already consumed. The path of one sample is: open_shard → iter_members → iter_samples
-→ image_member / decode_caption / decode_meta → open_image → decode_rgb.
+→ image_member / decode_caption / decode_meta → open_image → decode_rgb (upright, 8-bit RGB).
 """
 
 from __future__ import annotations
@@ -29,11 +29,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 
 
 # --- locating shards -------------------------------------------------------
+
+def local_shard_problem(url: str) -> str | None:
+    """Why a local shard path cannot be read as a tar shard; None when it can (and for pipe: and remote URLs)."""
+    if url.startswith("pipe:") or is_remote(url):
+        return None
+    path = url.removeprefix("file://")
+    if os.path.isdir(path):
+        return f"{path} is a folder, not a tar shard: give data.shards='{path.rstrip('/')}/*.tar'"
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    if not os.path.isfile(path):
+        return f"{path} is not a regular file (a device, pipe or socket), so it is no tar shard"
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable by this user"
+    return None
+
 
 def is_remote(url: str) -> bool:
     """True for fsspec URLs (``s3://…``, ``https://…``); False for local paths, ``file://`` and ``pipe:`` commands."""
@@ -81,7 +98,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
 # Member order inside a sample: image first, so streaming readers see it early.
-_MEMBER_ORDER = ("jpg", "jpeg", "png", "webp", "txt", "json")
+_MEMBER_ORDER = ("jpg", "jpeg", "png", "webp", "gif", "txt", "json")
 
 
 @dataclass
@@ -208,7 +225,7 @@ def manifest_counts(out_dir: Path) -> dict[str, int]:
 
 # --- reading shards: members → raw samples → decoded members ----------------
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")  # an animated GIF or WebP trains on its first frame
 TEXT_EXTS = ("txt", "caption", "text")
 _BLOCK = 512
 
@@ -233,6 +250,12 @@ class NotATar(TruncatedTar):
     reason = "not a tar"
 
 
+class CommandFailed(TruncatedTar):
+    """A ``pipe:`` shard's command exited with an error status."""
+
+    reason = "pipe command failed"
+
+
 @dataclass
 class RawSample:
     """Undecoded members of one sample, or a placeholder with an `error` reason."""
@@ -250,13 +273,17 @@ def open_shard(url: str) -> Iterator[BinaryIO]:
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
         try:
             yield proc.stdout  # type: ignore[misc]
+        except TruncatedTar:
+            if proc.wait() != 0:  # the stream broke because the command failed: say so, not "truncated"
+                raise CommandFailed(f"{url[5:60]} exited with status {proc.returncode}") from None
+            raise
         except BaseException:
             proc.kill()  # we stopped reading early: the command's exit status means nothing
             raise
         finally:
             proc.stdout.close()  # type: ignore[union-attr]
         if proc.wait() != 0:
-            raise TruncatedTar(f"command exited with status {proc.returncode}")
+            raise CommandFailed(f"{url[5:60]} exited with status {proc.returncode}")
     elif "://" in url and not url.startswith("file://"):
         import fsspec  # only needed for remote shards
 
@@ -459,17 +486,45 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_rgb(image: Image.Image) -> Image.Image:
-    """Decode pixels to RGB; BadSample('truncated image') when the data is cut short or corrupt."""
+# EXIF orientations 5-8 turn the stored pixels by 90°: the image is shown (and trains) with its sides swapped.
+_EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = stored upright; 1 also when the tag is absent or unreadable)."""
     try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is meant to be seen, before decoding it."""
+    width, height = image.size
+    return (height, width) if orientation(image) in _TURNED else (width, height)
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """Decode pixels to upright 8-bit RGB; BadSample('truncated image') when the data is cut short or corrupt."""
+    try:
+        turn = orientation(image)
         image.load()
         if image.mode != "RGB":
             image = _to_rgb(image)
+        if turn != 1:
+            image = image.transpose(_TRANSPOSE[turn])
     except Image.DecompressionBombError as error:
         raise BadSample("image over pixel limit", str(error)) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise BadSample("truncated image", str(error)) from None
     return image
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # ImageOps.exif_transpose's table
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -478,4 +533,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I"):  # 16-bit grey (I;16*, or I holding 0..65535): PIL's convert would clip to white
+        wide = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
     return image.convert("RGB")

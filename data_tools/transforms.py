@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data_tools.shards import decode_rgb
+from data_tools.shards import decode_rgb, upright_size
 from instantstyle.augment import ReferenceAugment, augment_reference
 
 
@@ -58,10 +58,10 @@ def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: in
                   keep_decoded: bool = False) -> PreparedImage:
     """Decode (at reduced JPEG scale when possible), resize to cover `size` (side or (w, h)), crop, maybe flip; CLIP view."""
     target_w, target_h = (size, size) if isinstance(size, int) else size
-    width, height = image.size
+    width, height = upright_size(image)
     if image.format == "JPEG":
-        # DCT-domain downscale: decodes up to 8× faster and still covers the target.
-        image.draft("RGB", (target_w, target_h))
+        # DCT-domain downscale: decodes up to 8× faster and still covers the target (asked in stored orientation).
+        image.draft("RGB", (target_w, target_h) if image.size == (width, height) else (target_h, target_w))
     image = decode_rgb(image)
     new_w, new_h = cover_size(width, height, target_w, target_h)
     top, left = crop_origin(new_w, new_h, target_w, target_h, rng if random_crop else None)

@@ -23,6 +23,24 @@ def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
     return argv
 
 
+def quote_shards(argv: list[str]) -> list[str]:
+    """Quote a bare ``data.shards=`` value that Hydra's override grammar cannot read: a brace pattern, non-ASCII.
+
+    The shell has already removed the user's quotes; without these, Hydra answers with a lexer error
+    instead of training or naming the missing shard. Sweeps (``-m``) keep their comma lists as they are.
+    """
+    if "-m" in argv or "--multirun" in argv:
+        return argv
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        hard = "{" in value or "," in value or not value.isascii()
+        if eq and key.lstrip("+~") == "data.shards" and hard and value[:1] not in "'\"[" and "'" not in value:
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def precheck(argv: list[str]) -> None:
     """Compose the overrides first so a mistake is one line, before Hydra or torch get involved.
 
@@ -69,6 +87,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_shards(sys.argv[1:])
     try:
         precheck(sys.argv[1:])
     except ConfigError as err:

@@ -86,7 +86,8 @@ def check_optimizer(optim: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     """Typed data settings and the shard list; every local shard exists."""
-    from data_tools.shards import expand_shards
+    from data_tools.embedding_cache import read_identity
+    from data_tools.shards import expand_shards, is_remote, local_shard_problem
 
     if OmegaConf.is_missing(data, "shards"):
         raise ConfigError(SHARDS_REQUIRED)
@@ -95,9 +96,19 @@ def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
         urls = expand_shards(typed.shards)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
-    if missing:
-        raise ConfigError(f"data.shards: {missing[0]} does not exist ({len(missing)} of {len(urls)} shards missing)")
+    problems = [p for p in map(local_shard_problem, urls) if p]
+    if problems:
+        raise ConfigError(f"data.shards: {problems[0]} ({len(problems)} of {len(urls)} shards unusable)")
+    if not typed.cached:
+        for folder in {os.path.dirname(u.removeprefix("file://")) or "." for u in urls
+                       if not u.startswith("pipe:") and not is_remote(u)}:
+            try:
+                cache = read_identity(folder)
+            except (OSError, ValueError, TypeError):
+                cache = None  # a broken manifest only costs the image loader its counts
+            if cache:
+                raise ConfigError(f"data.shards: {folder} holds an embedding cache, not images; "
+                                  "train from it with data=cached")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if typed.num_workers > cpus:  # more decoding processes than CPUs only adds contention (and torch's warning)
         log.info("data.num_workers=%d > %d CPUs here: using %d workers", typed.num_workers, cpus, cpus)

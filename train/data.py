@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
-                               shard_sample_counts)
+                               shard_sample_counts, upright_size)
 from data_tools.transforms import PreparedImage, augmented_view, original_size, prepare_image
 from train.batch import conditioning
-from train.config import DataConfig, section
+from train.config import ConfigError, DataConfig, section
 from train.data_stream import StreamPlan
 from train.dropout import draw_drops, reference_augment
 
@@ -41,7 +41,7 @@ def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     caption = decode_caption(raw.members)
     meta = decode_meta(raw.members)
     image = open_image(data, cfg.max_image_pixels)
-    bucket = target_size(image.size, cfg)
+    bucket = target_size(upright_size(image), cfg)
     prepared = prepare_image(image, bucket, cfg.clip_image_size, random_crop=cfg.random_crop,
                              random_flip=cfg.random_flip, rng=rng, keep_decoded=cfg.reference_crop is not None)
     drop_image, drop_text = draw_drops(rng, cfg)
@@ -200,6 +200,10 @@ def _identity(batch: dict) -> dict:
     return batch
 
 
+class NoUsableData(ConfigError, RuntimeError):
+    """No stream of this rank can produce a batch (all shards broken, a failing pipe: command, too few samples)."""
+
+
 class TrainLoader:
     """Infinite, resumable iterator over batches for one rank."""
 
@@ -234,14 +238,14 @@ class TrainLoader:
                 continue
             markers.append(info)
             if len(markers) >= 2 * self.workers:  # every stream of this rank: two epochs without a sample
-                raise RuntimeError(self._no_data_message(markers))
+                raise NoUsableData(self._no_data_message(markers))
 
     def _no_data_message(self, markers: list[dict]) -> str:
         if all(m["empty_epoch"] for m in markers):
             return (f"rank {self.rank} got no samples: use more shards/samples than ranks × data.num_workers "
                     f"({self.world_size} × {self.workers})")
         return (f"no decodable sample in 2 epochs of any of rank {self.rank}'s {self.workers} streams "
-                f"({self.skipped()}): check the shards with python -m data_tools.inspect")
+                f"({self.skipped()}): check the shards with python -m data_tools.check_shards")
 
     def _advance(self, info: dict, size: int) -> None:
         self.streams[info["stream"]] = {k: info[k] for k in ("epoch", "offset", "pending")}

@@ -109,8 +109,8 @@ class StreamPlan:
                         raise _RangeDone
         except _RangeDone:
             return base + count  # only in the even split, where every count is known
-        except TruncatedTar:
-            error = "truncated tar"
+        except TruncatedTar as broken:
+            error = broken.reason  # truncated, not a tar at all, or its pipe: command failed
         except OSError:
             error = "unreadable shard"
         read = progress[0]
