@@ -145,3 +145,38 @@ def test_cached_augmented_views_serve_reference_augmentation(tiny_model_dir, sha
                                  "data.reference_shuffle_grid=4"))
     with pytest.raises(ConfigError, match="the cache has no augmented views"):
         check_config(cfg)
+
+
+def test_a_cache_streamed_through_pipe_trains_as_the_local_cache(tiny_model_dir, cache, tmp_path):
+    from train.training import train
+
+    steps = ("data=cached", "trainer.max_steps=3", "trainer.checkpoint_every=0")
+    local = train(compose(tiny_overrides(tiny_model_dir, str(cache), tmp_path / "local", *steps)))
+    piped = compose([*tiny_overrides(tiny_model_dir, str(cache), tmp_path / "piped", *steps),
+                     f"data.shards='pipe:cat {cache}/{{00000..00003}}.tar'", f"data.cache_dir={cache}"])
+    assert piped.data.shards.startswith("pipe:cat")
+    streamed = train(piped)
+    assert streamed.summary["final_loss"] == local.summary["final_loss"]
+    assert streamed.summary["samples_seen"] == local.summary["samples_seen"] == 6
+
+
+def test_pipe_shards_of_a_cache_need_its_folder(tiny_model_dir, cache, tmp_path):
+    cfg = compose([*tiny_overrides(tiny_model_dir, str(cache), tmp_path / "run", "data=cached"),
+                   f"data.shards='pipe:cat {cache}/00000.tar'"])
+    with pytest.raises(ConfigError, match="set data.cache_dir"):
+        check_config(cfg)
+
+
+def test_a_cache_at_an_fsspec_url_reads_as_the_local_cache(tiny_model_dir, cache, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    for path in cache.iterdir():
+        memory.pipe(f"/remote_cache/{path.name}", path.read_bytes())
+    cfg = compose([*tiny_overrides(tiny_model_dir, str(cache), tmp_path / "run", "data=cached"),
+                   "data.shards='memory://remote_cache/{00000..00003}.tar'"])
+    settings = check_config(cfg)  # manifest and empty prompt read from the URL's folder
+    take = lambda shards: list(itertools.islice(iter(build_train_loader(  # noqa: E731
+        {**data_cfg(str(cache), cached=True), "shards": shards}, batch_size=2, seed=3, rank=0, world_size=1)), 4))
+    remote, local = take(settings.shard_urls), take(f"{cache}/*.tar")
+    for a, b in zip(remote, local):
+        assert a["keys"] == b["keys"] and torch.equal(a["latent_mean"], b["latent_mean"])
