@@ -3,15 +3,16 @@
 SDXL was fine-tuned on 41 (width, height) buckets: every pair of multiples of 64 with sides in
 [512, 2048] and area in [0.9, 1]·1024² (the table in the SDXL report's appendix is exactly this
 rule). A base resolution of 512 or 768 scales the rule (sides in [base/2, 2·base], area ≈ base²).
-Each image trains at the bucket closest to its own aspect ratio, so little of it is cropped away,
-and a batch holds one bucket's samples (one tensor shape).
+Each image trains at the bucket closest to its own aspect ratio (`data_tools.transforms.nearest_bucket`),
+so little of it is cropped away, and a batch holds one bucket's samples (one tensor shape).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any, Iterable, Sequence
+
+from data_tools.transforms import nearest_bucket  # noqa: F401 (which bucket an image takes is a transform; importable here too)
 
 Size = tuple[int, int]  # (width, height)
 STEP = 64  # every side a multiple of 64: the VAE (÷8) and the UNet's downsamplers (÷8) divide it
@@ -40,12 +41,6 @@ def parse_buckets(spec: Any, resolution: int) -> list[Size] | None:
     if not sizes or any(len(s) != 2 or min(s) <= 0 or s[0] % 8 or s[1] % 8 for s in sizes):
         raise ValueError(f"data.buckets: every bucket is [width, height], positive multiples of 8 (got {list(spec)})")
     return sizes  # type: ignore[return-value]
-
-
-def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
-    """The bucket whose aspect ratio is closest to width/height (in log ratio; the first on a tie)."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
 
 
 def bucket_histogram(sizes: Iterable[Size], buckets: Sequence[Size]) -> Counter:

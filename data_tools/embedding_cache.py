@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from data_tools.shards import MANIFEST_NAME, MAX_SIDE, BadSample, Manifest, decode_meta, is_remote, manifest_from_json
+from data_tools.decode import MAX_SIDE, BadSample, decode_meta
+from data_tools.shards import MANIFEST_NAME, Manifest, is_remote, manifest_from_json
 
 CACHE_FORMAT = "instantstyle-embedding-cache"
 CACHE_VERSION = 2  # 2: the identity records tensor shapes

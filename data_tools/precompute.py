@@ -28,11 +28,12 @@ from tqdm import tqdm
 from data_tools.buckets import nearest_bucket, parse_buckets
 from data_tools.embedding_cache import (DTYPES, VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
                                         save_empty_prompt, source_id)
-from data_tools.shards import (BadSample, Manifest, Sample, ShardRecord, TruncatedTar, decode_caption, decode_meta,
-                               expand_shards, image_member, iter_samples, open_image, open_shard, upright_size,
+from data_tools.decode import BadSample, decode_caption, decode_meta, image_member, open_image, upright_size
+from data_tools.shards import (Manifest, Sample, ShardRecord, TruncatedTar, expand_shards, iter_samples, open_shard,
                                write_manifest, write_shard)
 from data_tools.toy_data import CLIP_MEAN, CLIP_STD
-from data_tools.transforms import augmented_view, original_size, prepare_image
+from data_tools.augment import augmented_view
+from data_tools.transforms import original_size, prepare_image
 from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows

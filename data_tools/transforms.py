@@ -1,4 +1,4 @@
-"""SDXL image transforms: resize to cover a bucket, crop, flip, and the CLIP input cut from the crop.
+"""SDXL image transforms: choose the size (an aspect-ratio bucket), resize to cover it, crop, flip, cut the CLIP view.
 
 The bookkeeping follows SDXL micro-conditioning: `original_size` is the image's (height, width)
 before any resize, `crop_coords_top_left` is (top, left) of the crop inside the image resized to
@@ -9,13 +9,14 @@ cache (`data_tools.precompute`) share these functions, so both crop every image 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from data_tools.shards import decode_rgb, upright_size
-from instantstyle.augment import ReferenceAugment, augment_reference
+from data_tools.decode import decode_rgb, upright_size
 
 
 @dataclass
@@ -27,6 +28,17 @@ class PreparedImage:
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     decoded: Image.Image | None = None  # the whole decoded image, kept when an independent reference is cut from it
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width/height (in log ratio; the first on a tie)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
+def target_size(width: int, height: int, resolution: int, buckets: Sequence[tuple[int, int]] | None) -> tuple[int, int]:
+    """(width, height) an image of this upright size trains at: its bucket, or the square ``resolution``."""
+    return (resolution, resolution) if buckets is None else nearest_bucket(width, height, buckets)
 
 
 def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
@@ -75,12 +87,6 @@ def prepare_image(image: Image.Image, size: int | tuple[int, int], clip_size: in
         left = new_w - left - target_w
     return PreparedImage(np.asarray(crop), np.asarray(clip_view(crop, clip_size)), (height, width), (top, left),
                          image if keep_decoded else None)
-
-
-def augmented_view(prepared: PreparedImage, augment: ReferenceAugment, rng: np.random.Generator) -> np.ndarray:
-    """An augmented reference for the image encoder: cut from the whole image when the crop is on, else the CLIP view."""
-    source = np.asarray(prepared.decoded) if augment.crop_scale is not None else prepared.clip_pixels
-    return augment_reference(source, augment, rng)
 
 
 def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train.config import DataConfig
-from train.dropout import draw_drops
+from data_tools.augment import draw_drops
 
 DRAWS = 20000
 

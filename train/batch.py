@@ -1,8 +1,57 @@
-"""The batch format both loaders emit (images or cached embeddings): the fields every batch carries."""
+"""Collate: decoded examples → the batch the training task consumes, one aspect-ratio bucket per batch.
+
+Both loaders emit the same fields (``conditioning``); image batches add uint8 pixels, cached batches
+the stored encoder outputs.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
+
+from data_tools.embedding_cache import TENSOR_KEYS
+
+
+class BatchQueues:
+    """Decoded examples waiting for a batch, one queue per bucket; a batch leaves when its queue is full."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.queues: dict[Any, list[tuple[tuple[int, int], dict]]] = {}
+
+    def add(self, position: tuple[int, int], example: dict) -> list[dict] | None:
+        """Queue an example; returns a full batch (and empties its queue) when this one completes it."""
+        queue = self.queues.setdefault(example.get("bucket"), [])
+        queue.append((position, example))
+        if len(queue) < self.batch_size:
+            return None
+        del self.queues[example.get("bucket")]
+        return [e for _, e in queue]
+
+    def pending(self) -> list[list[int]]:
+        """(epoch, offset) of every waiting example: with the read position, the stream's exact state."""
+        return sorted([list(p) for queue in self.queues.values() for p, _ in queue])
+
+
+def collate(examples: list[dict], cfg: Any = None) -> dict:
+    """Stack image examples into a batch.
+
+    Pixels stay uint8 (B, H, W, 3): workers hand batches over in shared memory, 4× smaller than
+    float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
+    """
+    return {
+        "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
+        "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
+        **conditioning(examples),
+    }
+
+
+def collate_cached(examples: list[dict], cfg: Any = None) -> dict:
+    """Stack cached examples: the encoder outputs plus the same conditioning fields as an image batch."""
+    batch = {k: torch.stack([e["tensors"][k] for e in examples]) for k in TENSOR_KEYS if k in examples[0]["tensors"]}
+    return {**batch, **conditioning(examples)}
 
 
 def conditioning(examples: list[dict]) -> dict:

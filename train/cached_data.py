@@ -16,15 +16,14 @@ import logging
 import os
 
 import numpy as np
-import torch
 
+from data_tools.augment import draw_drops, reference_augment
 from data_tools.buckets import parse_buckets
-from data_tools.embedding_cache import TENSOR_KEYS, VIEWS_KEY, CacheError, CacheSpec, decode_sample as decode_members, \
+from data_tools.embedding_cache import VIEWS_KEY, CacheError, CacheSpec, decode_sample as decode_members, \
     identity_mismatch, load_spec, read_cache_manifest, source_id
-from data_tools.shards import BadSample, RawSample, is_remote
-from train.batch import conditioning
+from data_tools.decode import BadSample
+from data_tools.shards import RawSample, is_remote
 from train.config import ConfigError, DataConfig
-from train.dropout import draw_drops, reference_augment
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +56,6 @@ def decode_cached(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> 
     return {"key": raw.key, "caption": "" if drop_text else meta["caption"], "drop_image": drop_image,
             "tensors": tensors, "bucket": (width, height), "original_size": tuple(meta["original_size"]),
             "crop": tuple(meta["crop_top_left"])}
-
-
-def collate_cached(examples: list[dict], cfg: DataConfig) -> dict:
-    """Stack cached examples: the encoder outputs plus the same conditioning fields as an image batch."""
-    batch = {k: torch.stack([e["tensors"][k] for e in examples]) for k in TENSOR_KEYS if k in examples[0]["tensors"]}
-    return {**batch, **conditioning(examples)}
 
 
 def reference_mismatch(views: dict | None, data: DataConfig) -> str | None:

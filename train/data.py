@@ -1,11 +1,17 @@
 """Training data: WebDataset shards → SDXL + CLIP batches, resumable per sample.
 
 The training loop calls only `build_train_loader(cfg.data, ...)`; the loader is an infinite
-iterator over batches with `state_dict()`/`load_state_dict()`. One sample travels top to
-bottom: `train.data_stream` says which raw samples this stream reads, in which order
-(opening shards and reading members with `data_tools.shards`) → `decode_sample` decodes the
-members (`data_tools.shards`) and transforms the pixels (`data_tools.transforms`, into an aspect-ratio
-bucket of `data_tools.buckets` when `data.buckets` is set) → `collate`.
+iterator over batches with `state_dict()`/`load_state_dict()`. One sample travels top to bottom
+through one module per stage, which `decode_sample` calls in order:
+
+    read       data_tools.shards      tar stream → members → RawSample (train.data_stream picks which, in what order)
+    decode     data_tools.decode      image header, caption, JSON metadata (BadSample: skipped and counted)
+    transform  data_tools.transforms  bucket, resize, crop, flip, CLIP view (pixels decoded here, at reduced scale)
+    augment    data_tools.augment     guidance drops, the reference view (instantstyle.augment's ops when on)
+    collate    train.batch            one bucket's examples → a batch
+
+`data=cached` swaps decode for `train.cached_data.decode_cached` (the cache format's checks) and collates
+with `train.batch.collate_cached`.
 """
 
 from __future__ import annotations
@@ -21,68 +27,46 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_tools.buckets import nearest_bucket, parse_buckets
-from data_tools.shards import (BadSample, RawSample, decode_caption, decode_meta, expand_shards, image_member, open_image,
-                               shard_sample_counts, upright_size)
-from data_tools.transforms import PreparedImage, augmented_view, original_size, prepare_image
-from train.batch import conditioning
+from data_tools.augment import draw_drops, reference_augment, reference_view
+from data_tools.buckets import parse_buckets
+from data_tools.decode import BadSample, decode_caption, decode_meta, image_member, open_image, upright_size
+from data_tools.shards import RawSample, expand_shards, shard_sample_counts
+from data_tools.transforms import original_size, prepare_image, target_size
+from train.batch import BatchQueues, collate, collate_cached
 from train.config import ConfigError, DataConfig, section
 from train.data_stream import StreamPlan
-from train.dropout import draw_drops, reference_augment
 
 log = logging.getLogger(__name__)
 
 
 def decode_sample(raw: RawSample, cfg: DataConfig, rng: np.random.Generator) -> dict:
-    """Raw members → one training example; BadSample when it must be skipped."""
+    """Raw members → one training example, stage by stage; BadSample when it must be skipped."""
     if raw.error:
         raise BadSample(raw.error)
-    data = image_member(raw.members)
-    caption = decode_caption(raw.members)
-    meta = decode_meta(raw.members)
+    # decode (the pixels themselves are decoded by prepare_image, at a reduced JPEG scale when it can)
+    data, caption, meta = image_member(raw.members), decode_caption(raw.members), decode_meta(raw.members)
     image = open_image(data, cfg.max_image_pixels)
-    bucket = target_size(upright_size(image), cfg)
+    # transform
+    bucket = target_size(*upright_size(image), cfg.resolution, _bucket_list(cfg.buckets, cfg.resolution))
     prepared = prepare_image(image, bucket, cfg.clip_image_size, random_crop=cfg.random_crop,
                              random_flip=cfg.random_flip, rng=rng, keep_decoded=cfg.reference_crop is not None)
+    source_size = original_size(meta, prepared.original_size)
+    # augment
     drop_image, drop_text = draw_drops(rng, cfg)
     return {"key": raw.key, "caption": "" if drop_text else caption, "drop_image": drop_image,
-            "pixels": prepared.pixels, "clip_pixels": reference_view(prepared, cfg, rng), "bucket": bucket,
-            "original_size": original_size(meta, prepared.original_size), "crop": prepared.crop_top_left}
+            "pixels": prepared.pixels, "clip_pixels": reference_view(prepared, reference_augment(cfg), rng),
+            "bucket": bucket, "original_size": source_size, "crop": prepared.crop_top_left}
 
 
-def reference_view(prepared: PreparedImage, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """What the image encoder sees: the target crop's CLIP view, or an augmented view of the same image.
-
-    Drawn after everything else, so with every augmentation off the sample stream is exactly as before.
-    """
-    augment = reference_augment(cfg)
-    return prepared.clip_pixels if augment is None else augmented_view(prepared, augment, rng)
+def _bucket_list(spec: Any, resolution: int) -> tuple[tuple[int, int], ...] | None:
+    key = spec if isinstance(spec, str) else tuple(tuple(b) for b in spec)
+    return _parsed_buckets(key, resolution)
 
 
 @functools.lru_cache(maxsize=8)
-def _bucket_list(spec: Any, resolution: int) -> tuple[tuple[int, int], ...] | None:
-    sizes = parse_buckets(spec, resolution)
+def _parsed_buckets(spec: Any, resolution: int) -> tuple[tuple[int, int], ...] | None:
+    sizes = parse_buckets(spec, resolution)  # once per setting, not per sample
     return None if sizes is None else tuple(sizes)
-
-
-def target_size(image_size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
-    """(width, height) an image of this (width, height) trains at: its bucket, or the square resolution."""
-    spec = cfg.buckets if isinstance(cfg.buckets, str) else tuple(tuple(b) for b in cfg.buckets)
-    buckets = _bucket_list(spec, cfg.resolution)
-    return (cfg.resolution, cfg.resolution) if buckets is None else nearest_bucket(*image_size, buckets)
-
-
-def collate(examples: list[dict], cfg: DataConfig) -> dict:
-    """Stack examples into the batch format the training task consumes.
-
-    Pixels stay uint8 (B, H, W, 3): workers hand batches over in shared memory, 4× smaller than
-    float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
-    """
-    return {
-        "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
-        "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
-        **conditioning(examples),
-    }
 
 
 @dataclass
@@ -96,27 +80,6 @@ class SkipLog:
         n = self.counts[error.reason]
         if n <= 3 or (n & (n - 1)) == 0:  # first few, then at powers of two
             log.warning("skipping sample %s in %s (%s; %d so far for this reason)", raw.key, raw.shard, error, n)
-
-
-class BatchQueues:
-    """Decoded examples waiting for a batch, one queue per bucket; a batch leaves when its queue is full."""
-
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.queues: dict[Any, list[tuple[tuple[int, int], dict]]] = {}
-
-    def add(self, position: tuple[int, int], example: dict) -> list[dict] | None:
-        """Queue an example; returns a full batch (and empties its queue) when this one completes it."""
-        queue = self.queues.setdefault(example.get("bucket"), [])
-        queue.append((position, example))
-        if len(queue) < self.batch_size:
-            return None
-        del self.queues[example.get("bucket")]
-        return [e for _, e in queue]
-
-    def pending(self) -> list[list[int]]:
-        """(epoch, offset) of every waiting example: with the read position, the stream's exact state."""
-        return sorted([list(p) for queue in self.queues.values() for p, _ in queue])
 
 
 class ShardStreamDataset(IterableDataset):
@@ -190,7 +153,7 @@ class ShardStreamDataset(IterableDataset):
 def _codec(cfg: DataConfig) -> tuple:
     """(decode, collate) for the shards' kind: images, or an embedding cache."""
     if cfg.cached:
-        from train.cached_data import collate_cached, decode_cached
+        from train.cached_data import decode_cached
 
         return decode_cached, collate_cached
     return decode_sample, collate
