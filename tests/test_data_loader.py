@@ -309,3 +309,13 @@ def test_reference_augmentation_changes_only_what_the_image_encoder_sees(tmp_pat
         assert not torch.equal(shuf, ref) and not torch.equal(crop, ref)
     with pytest.raises(ValueError, match=r"data.reference_crop=\[0.5, 0.2\] — give \[low, high\]"):
         section(data_cfg(tmp_path, reference_crop=[0.5, 0.2]), "data", DataConfig)
+
+
+def test_worker_batches_arrive_in_shared_memory_equal_to_in_process_ones(tmp_path):
+    make_dataset(tmp_path, 2, 4)
+    here = take(build_train_loader(data_cfg(tmp_path, num_workers=0), batch_size=2, seed=1, rank=0, world_size=1), 3)
+    there = take(build_train_loader(data_cfg(tmp_path, num_workers=1), batch_size=2, seed=1, rank=0, world_size=1), 3)
+    for a, b in zip(here, there):
+        assert a["keys"] == b["keys"]
+        for key in ("pixel_values", "clip_pixel_values"):
+            assert b[key].dtype == torch.uint8 and b[key].is_shared() and torch.equal(a[key], b[key])

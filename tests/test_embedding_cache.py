@@ -180,3 +180,11 @@ def test_a_cache_at_an_fsspec_url_reads_as_the_local_cache(tiny_model_dir, cache
     remote, local = take(settings.shard_urls), take(f"{cache}/*.tar")
     for a, b in zip(remote, local):
         assert a["keys"] == b["keys"] and torch.equal(a["latent_mean"], b["latent_mean"])
+
+
+def test_cached_worker_batches_arrive_in_shared_memory_equal_to_in_process_ones(cache):
+    take = lambda workers: list(itertools.islice(iter(build_train_loader(  # noqa: E731
+        data_cfg(str(cache), cached=True, num_workers=workers), batch_size=2, seed=3, rank=0, world_size=1)), 3))
+    for a, b in zip(take(0), take(1)):
+        assert a["keys"] == b["keys"] and b["latent_mean"].is_shared()
+        assert all(torch.equal(a[k], b[k]) for k in ("latent_mean", "latent_std", "prompt_embeds", "image_features"))

@@ -6,10 +6,12 @@ the stored encoder outputs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from data_tools.embedding_cache import TENSOR_KEYS
 
@@ -42,15 +44,42 @@ def collate(examples: list[dict], cfg: Any = None) -> dict:
     float32; ``DiffusionTask.encode`` normalises them on the device (``instantstyle.encode``).
     """
     return {
-        "pixel_values": torch.from_numpy(np.stack([e["pixels"] for e in examples])),
-        "clip_pixel_values": torch.from_numpy(np.stack([e["clip_pixels"] for e in examples])),
+        "pixel_values": stack_uint8([e["pixels"] for e in examples]),
+        "clip_pixel_values": stack_uint8([e["clip_pixels"] for e in examples]),
         **conditioning(examples),
     }
 
 
+def stack_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack same-shaped uint8 arrays into one tensor (in a DataLoader worker, in shared memory: see ``_batch_buffer``)."""
+    out = _batch_buffer((len(arrays), *arrays[0].shape), torch.uint8)
+    if out is None:
+        return torch.from_numpy(np.stack(arrays))
+    np.stack(arrays, out=out.numpy())
+    return out
+
+
+def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, into shared memory in a DataLoader worker (see ``_batch_buffer``)."""
+    out = _batch_buffer((len(tensors), *tensors[0].shape), tensors[0].dtype)
+    return torch.stack(tensors) if out is None else torch.stack(tensors, out=out)
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """An empty tensor in shared memory when called in a DataLoader worker, else None.
+
+    A worker hands its batch to the main process through shared memory: a tensor already there
+    crosses without the extra full-batch copy (torch's default_collate does the same).
+    """
+    if get_worker_info() is None:
+        return None
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size), 0, shape)
+
+
 def collate_cached(examples: list[dict], cfg: Any = None) -> dict:
     """Stack cached examples: the encoder outputs plus the same conditioning fields as an image batch."""
-    batch = {k: torch.stack([e["tensors"][k] for e in examples]) for k in TENSOR_KEYS if k in examples[0]["tensors"]}
+    batch = {k: stack_tensors([e["tensors"][k] for e in examples]) for k in TENSOR_KEYS if k in examples[0]["tensors"]}
     return {**batch, **conditioning(examples)}
 
 
