@@ -98,6 +98,19 @@ def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_enc
     return found
 
 
+def check_not_a_cache(urls: list[str]) -> None:
+    """Image training (data=webdataset) refuses shards whose folder holds an embedding cache, in one line."""
+    for folder in {os.path.dirname(u.removeprefix("file://")) or "." for u in urls
+                   if not u.startswith("pipe:") and not is_remote(u)}:
+        try:
+            cache = read_cache_manifest(folder)
+        except (OSError, ValueError, TypeError):
+            cache = None  # a broken manifest only costs the image loader its counts
+        if cache:
+            raise ConfigError(f"data.shards: {folder} holds an embedding cache, not images; "
+                              "train from it with data=cached")
+
+
 def _one_location(data: DataConfig, urls: list[str]) -> str:
     """The one folder (path or URL) holding the cache's manifest; ConfigError when there is none or several."""
     if data.cache_dir:

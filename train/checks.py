@@ -86,8 +86,7 @@ def check_optimizer(optim: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     """Typed data settings and the shard list; every local shard exists."""
-    from data_tools.embedding_cache import read_identity
-    from data_tools.shards import expand_shards, is_remote, local_shard_problem
+    from data_tools.shards import expand_shards, local_shard_problem
 
     if OmegaConf.is_missing(data, "shards"):
         raise ConfigError(SHARDS_REQUIRED)
@@ -100,15 +99,9 @@ def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     if problems:
         raise ConfigError(f"data.shards: {problems[0]} ({len(problems)} of {len(urls)} shards unusable)")
     if not typed.cached:
-        for folder in {os.path.dirname(u.removeprefix("file://")) or "." for u in urls
-                       if not u.startswith("pipe:") and not is_remote(u)}:
-            try:
-                cache = read_identity(folder)
-            except (OSError, ValueError, TypeError):
-                cache = None  # a broken manifest only costs the image loader its counts
-            if cache:
-                raise ConfigError(f"data.shards: {folder} holds an embedding cache, not images; "
-                                  "train from it with data=cached")
+        from train.cached_data import check_not_a_cache
+
+        check_not_a_cache(urls)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if typed.num_workers > cpus:  # more decoding processes than CPUs only adds contention (and torch's warning)
         log.info("data.num_workers=%d > %d CPUs here: using %d workers", typed.num_workers, cpus, cpus)
