@@ -4,9 +4,11 @@ The sample order, resume and bad-sample handling are the image loader's own (``t
 decoding and collating differ. Every cached sample is checked against the shapes the cache's manifest
 records (``data_tools.embedding_cache.decode_sample``), so a broken one is skipped and counted by reason
 exactly as a broken image is. Shards may be local, ``pipe:`` commands or fsspec URLs; ``data.cache_dir``
-names the folder of the manifest when the shards' own folder cannot (``pipe:``). Text dropout swaps in the cache's empty-caption embeddings and image
-dropout zeroes the image features in the task, exactly as live training does, drawn from the same
-per-position RNG, so a cached run sees the same drops as a live one.
+names the folder of the manifest where the shards' own folder cannot (``pipe:``).
+
+Text dropout swaps in the cache's empty-caption embeddings and image dropout zeroes the image
+features in the task, exactly as live training does, drawn from the same per-position RNG, so a
+cached run sees the same drops as a live one.
 """
 
 from __future__ import annotations
