@@ -120,6 +120,7 @@ def test_every_documented_training_command_composes():
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from train.__main__ import quote_shards  # what python -m train (and launch.sh through it) does to argv first
     from train.config import CONFIG_DIR, ConfigError, check_known_keys, one_line
 
     commands = {tuple(o): doc for doc, o in documented("train") + documented("launch")}  # each distinct one once
@@ -127,7 +128,7 @@ def test_every_documented_training_command_composes():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # once: composing is then fast
         for overrides, doc in commands.items():
             try:
-                check_known_keys(compose(config_name="train", overrides=list(overrides)))
+                check_known_keys(compose(config_name="train", overrides=quote_shards(list(overrides))))
             except (HydraException, OmegaConfBaseException, ConfigError) as err:
                 pytest.fail(f"{doc}: {' '.join(overrides)}: {one_line(err)}")
 
