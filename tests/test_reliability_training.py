@@ -345,12 +345,14 @@ def test_a_nonfinite_checkpoint_or_export_is_refused(tmp_path):
 # --- the documented shard patterns -------------------------------------------------------------
 
 def test_brace_pattern_in_the_documented_shell_form_composes_and_expands():
+    from train.__main__ import quote_shards
+
     docs = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     words = [w for line in docs.splitlines() if line.lstrip().startswith(("python -m train", "./launch.sh"))
              for w in shlex.split(line.split("#")[0].rstrip().rstrip("\\")) if w.startswith("data.shards=") and "{" in w]
     assert words, "the docs show a brace pattern"
-    for word in words:  # what the shell hands Hydra
-        compose(["model.path=/m", word, "output_dir=/o"])
+    for word in words:  # what the shell hands python -m train, which quotes a bare pattern for Hydra
+        compose(quote_shards(["model.path=/m", word, "output_dir=/o"]))
     cfg = compose(["model.path=/m", "data.shards=\"/x/{00000..00099}.tar\"", "output_dir=/o"])
     urls = expand_shards(cfg.data.shards)
     assert len(urls) == 100 and urls[0] == "/x/00000.tar" and urls[-1] == "/x/00099.tar"
