@@ -66,7 +66,7 @@ def encode_content_prompt(text_encoder, tokenizer, prompts: str | Sequence[str])
 @torch.no_grad()
 def encode_image(image_encoder, clip_pixel_values: torch.Tensor, adapter_type: str = "ip_adapter") -> torch.Tensor:
     """Image features the projection expects: pooled ``image_embeds`` or penultimate hidden states (plus)."""
-    pixels = clip_pixel_values.to(image_encoder.device, image_encoder.dtype)
+    pixels = clip_pixel_values.to(image_encoder.device, image_encoder.dtype, non_blocking=True)
     if adapter_type == "ip_adapter_plus":
         return image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
     return image_encoder(pixels).image_embeds

@@ -17,17 +17,25 @@ def vae_input(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait for the copy (pinned first when it goes to CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()  # a copy from pageable memory holds the host until it is done
+    return tensor.to(device, non_blocking=True)
+
+
 def clip_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B,H,W,3) → float32 (B,3,H,W) normalised with the image encoder's mean/std."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    return pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0).sub_(mean_t).div_(std_t)
+    # The constants go to the device as one small asynchronous copy each step, never a blocking one.
+    stats = to_device(torch.tensor([list(mean), list(std)], dtype=torch.float32), pixels.device).view(2, 1, 3, 1, 1)
+    return pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0).sub_(stats[0]).div_(stats[1])
 
 
 @torch.no_grad()
 def latent_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent distribution for uint8 (B,H,W,3) pixels, unscaled."""
-    dist = vae.encode(vae_input(pixels.to(vae.device)).to(vae.dtype)).latent_dist
+    dist = vae.encode(vae_input(to_device(pixels, vae.device)).to(vae.dtype)).latent_dist
     # The encoder's attention leaves its output channels-last; the UNet would then run channels-last
     # and round differently from latents read back (contiguous) from the cache.
     return dist.mean.contiguous(), dist.std.contiguous()

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from .content import check_content_space
+from .encode import to_device
 
 
 class BaseModelError(ValueError):
@@ -161,8 +162,8 @@ def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype
 def encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds, pooled) as the SDXL/SD1.5 pipelines compute them for the UNet."""
     def ids(tokenizer):
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(base.unet.device)
+        return to_device(tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids, base.unet.device)
 
     if base.family == "sd15":
         return base.text_encoder(ids(base.tokenizer))[0], None

@@ -16,8 +16,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         """Move the average one step toward the module's current weights."""
-        for key, value in module.state_dict().items():
-            self.shadow[key].lerp_(value.float(), 1.0 - self.decay)
+        # One fused kernel launch per dtype/device group instead of one lerp per tensor: an adapter has
+        # ~100 tensors, so the per-tensor loop cost more launch time than arithmetic on a GPU.
+        weights = module.state_dict()
+        torch._foreach_lerp_(list(self.shadow.values()), [weights[k].float() for k in self.shadow], 1.0 - self.decay)
 
     def copy_to(self, module: nn.Module) -> None:
         """Load the averaged weights into ``module``."""

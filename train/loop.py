@@ -20,6 +20,7 @@ from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evalu
 from instantstyle.generate import StyleGenerator
 from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, check_finite, gather_json,
                               restore_rng, save_parts)
+from train.compiling import uncompiled
 from train.loggers import ThroughputMeter, append_history
 from train.run import Run
 from train.sharding import ShardedAdaptedUNet, is_sharded
@@ -117,7 +118,8 @@ def fixed_batch_loss(run: Run, batch: dict, seed: int = 0) -> float:
     """Loss on one fixed batch with fixed noise: comparable across steps and runs."""
     generator = torch.Generator(run.accelerator.device).manual_seed(seed)
     model = run.accelerator.unwrap_model(run.model)
-    return float(run.task.using(generator, model)(batch)[0])
+    with uncompiled(model):  # no_grad would recompile the training graph for one batch per interval
+        return float(run.task.using(generator, model)(batch)[0])
 
 
 @contextmanager
@@ -143,7 +145,8 @@ def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path | None) ->
     config = EvalConfig(list(run.settings.prompts), list(v.seeds), v.steps, height=v.height, width=v.width)
     # Autocast as in training: frozen nets in the training precision, adapter weights in fp32; but the
     # VAE decodes outside it, in its own dtype (fp32 in fp16 runs: SDXL's VAE overflows in fp16).
-    with torch.no_grad(), run.accelerator.autocast(), decoding_outside_autocast(run.base.vae):
+    # Eager: the images' shapes, CFG batch and no_grad would each recompile a compiled UNet, for a few calls.
+    with torch.no_grad(), run.accelerator.autocast(), decoding_outside_autocast(run.base.vae), uncompiled(model):
         return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale),
                                 encoders=run.settings.metric_encoders)
 

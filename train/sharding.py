@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.compiling import unet_blocks
 from train.task import AdaptedUNet
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def shard_frozen_unet(unet: nn.Module, adapter: nn.Module, device: torch.device,
     keep = set(adapter.parameters())
     for param in adapter.parameters():  # same seed on every rank already; make it certain, as DDP does
         dist.broadcast(param.data, src=0)
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    blocks = unet_blocks(unet)
     for block in blocks:  # one unit per block: at most one block's weights are gathered at a time
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
     fully_shard(unet, mesh=mesh, ignored_params=keep & set(unet.parameters()))

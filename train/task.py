@@ -18,7 +18,7 @@ from torch import nn
 from instantstyle.adapter import InstantStyleAdapter
 from instantstyle.content import decouple_content, encode_image
 from instantstyle.diffusion import prediction_target
-from instantstyle.encode import clip_input, latent_distribution, sample_latents
+from instantstyle.encode import clip_input, latent_distribution, sample_latents, to_device
 from instantstyle.models import BaseModel, encode_prompts
 from train.config import CLIP_MEAN, CLIP_STD
 
@@ -85,12 +85,12 @@ class DiffusionTask:
                                                        else self._live(batch))
         latents = sample_latents(mean, std, self.generator, self.base.vae.config.scaling_factor)
         features = self.decouple(features, pooled, batch["captions"])
-        keep = (~batch["drop_image"].to(self.device, non_blocking=True)).to(features.dtype)
+        keep = (~to_device(batch["drop_image"], self.device)).to(features.dtype)
         features = features * keep.view(-1, *([1] * (features.ndim - 1)))  # unconditional image branch for CFG
         added = None
         if self.base.family == "sdxl":
             time_ids = torch.cat([batch["original_size"], batch["crop_coords_top_left"], batch["target_size"]], dim=1)
-            time_ids = time_ids.to(self.device, prompt_embeds.dtype, non_blocking=True)
+            time_ids = to_device(time_ids, self.device).to(prompt_embeds.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         return Conditioning(latents.float(), prompt_embeds, features, added)
 
@@ -103,17 +103,16 @@ class DiffusionTask:
         """
         if not self.content_scale or pooled is None or self.adapter_type != "ip_adapter":
             return features
-        has_text = torch.tensor([bool(c) for c in captions], device=features.device, dtype=features.dtype)
+        has_text = to_device(torch.tensor([bool(c) for c in captions], dtype=features.dtype), features.device)
         return decouple_content(features, pooled.to(features.dtype) * has_text[:, None], self.content_scale,
                                 self.content_normalize)
 
     def _live(self, batch: dict) -> tuple:
         """Run the frozen encoders on uint8 pixels (normalised here, on the device) and captions."""
-        # non_blocking: the loader pins its batches on CUDA, so copies overlap compute instead of syncing.
-        mean, std = latent_distribution(self.base.vae, batch["pixel_values"].to(self.device, non_blocking=True))
+        # The loader pins its batches on CUDA: the copies overlap compute instead of holding the host.
+        mean, std = latent_distribution(self.base.vae, to_device(batch["pixel_values"], self.device))
         prompt_embeds, pooled = encode_prompts(self.base, list(batch["captions"]))
-        clip_pixels = clip_input(batch["clip_pixel_values"].to(self.device, non_blocking=True), self.clip_mean,
-                                 self.clip_std)
+        clip_pixels = clip_input(to_device(batch["clip_pixel_values"], self.device), self.clip_mean, self.clip_std)
         return mean, std, prompt_embeds, pooled, encode_image(self.base.image_encoder, clip_pixels, self.adapter_type)
 
     def _cached(self, batch: dict) -> tuple:
@@ -122,7 +121,7 @@ class DiffusionTask:
 
         def moved(key: str, dtype: torch.dtype) -> torch.Tensor | None:
             tensor = batch.get(key)  # pinned on CUDA by the loader, like the pixels: copies overlap compute
-            return None if tensor is None else tensor.to(self.device, dtype, non_blocking=True)
+            return None if tensor is None else to_device(tensor, self.device).to(dtype)
 
         return (moved("latent_mean", b.vae.dtype), moved("latent_std", b.vae.dtype),
                 moved("prompt_embeds", b.text_encoder.dtype), moved("pooled_prompt_embeds", b.text_encoder.dtype),

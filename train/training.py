@@ -20,7 +20,8 @@ from instantstyle.models import BaseModel
 from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
                               load_parts, verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
-from train.config import TrainerConfig, resolve_precision
+from train.compiling import choose_cudnn_benchmark, compile_denoiser
+from train.config import DataConfig, TrainerConfig, resolve_precision
 from train.data import build_train_loader
 from train.ema import EMA
 from train.families import adapted_model, adapter_identity, denoiser, export_adapter, task_for
@@ -77,21 +78,27 @@ def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype
         return instantiate(cfg.model, dtype=dtype, device=accelerator.device, encoders=encoders)
 
 
-def speed_up_unet(unet: torch.nn.Module, trainer: TrainerConfig) -> None:
-    """``trainer.channels_last`` (NHWC weights) and ``trainer.compile`` (torch.compile, in place)."""
-    if trainer.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if trainer.compile:
-        unet.compile()  # in place: state-dict names, hooks and the pipeline's reference stay the same
+def fixed_shapes(data: DataConfig) -> bool:
+    """Every training batch has one shape: no aspect-ratio buckets (or a single one)."""
+    buckets = data.buckets
+    return str(buckets).lower() == "none" if isinstance(buckets, str) else len(buckets) == 1
 
 
 def prepare_model(base: BaseModel, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  accelerator: Accelerator, shard: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """DDP-wrapped base + adapter, or (FSDP) the UNet sharded by ``train.sharding`` and only the optimizer prepared."""
+                  accelerator: Accelerator, shard: bool,
+                  compile_unet: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """DDP-wrapped base + adapter, or (FSDP) the UNet sharded by ``train.sharding`` and only the optimizer prepared.
+
+    ``compile_unet`` compiles the denoiser last, so a sharded UNet's FSDP hooks stay outside the compiled blocks.
+    """
     if not shard:
-        return accelerator.prepare(adapted_model(base, adapter), optimizer)
-    model = shard_frozen_unet(base.unet, adapter, accelerator.device, accelerator.autocast)
-    return model, accelerator.prepare(optimizer)
+        model, optimizer = accelerator.prepare(adapted_model(base, adapter), optimizer)
+    else:
+        model = shard_frozen_unet(base.unet, adapter, accelerator.device, accelerator.autocast)
+        optimizer = accelerator.prepare(optimizer)
+    if compile_unet:  # after the adapter is installed, so its processors are compiled with the UNet
+        compile_denoiser(denoiser(base), sharded=shard)
+    return model, optimizer
 
 
 def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path,
@@ -106,10 +113,11 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
         denoiser(base).enable_gradient_checkpointing()
     blocks = settings.blocks if settings.blocks is not None else target_blocks(cfg.blocks, base.family)
     adapter = instantiate(cfg.adapter)(base, blocks=blocks)
-    speed_up_unet(denoiser(base), trainer)  # after the adapter, so its processors are compiled with the UNet
+    if trainer.channels_last:  # NHWC weights: faster convolutions on tensor cores
+        denoiser(base).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
-    model, optimizer = prepare_model(base, adapter, optimizer, accelerator, shard)
+    model, optimizer = prepare_model(base, adapter, optimizer, accelerator, shard, compile_unet=trainer.compile)
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator(accelerator.device).manual_seed(rank_seed(trainer.seed, rank))
     task = task_for(base, model, adapter, generator, settings)
@@ -239,6 +247,7 @@ def train(cfg: DictConfig) -> Run | None:
     backend = take_over_sharding()  # before the Accelerator, which then runs data parallel underneath
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
     enable_tf32(settings.trainer)
+    choose_cudnn_benchmark(fixed_shapes(settings.data))
     shard = check_distributed(backend, accelerator.num_processes)
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
     lock = RunLock(run_dir)  # held by the main process until train returns (or the process dies)
