@@ -8,8 +8,14 @@ in ``instantstyle/configs`` and measures, per variant of ``benchmarks.bench_trai
 and model FLOP utilisation (FLOPs per sample counted on the ``meta`` device). ``live`` encoding runs
 the frozen encoders every step; ``cached`` reuses their outputs, computed once before timing, i.e. the
 UNet step alone, as when training from precomputed latents and embeddings (encoders not in memory).
-Precision follows the trainer: bf16 autocast, TF32 on, frozen networks in bf16, adapter fp32;
-``tutorial+unet_grad`` keeps the UNet fp32 under autocast, as IP-Adapter's tutorial_train.py does.
+Precision follows the trainer: bf16 autocast around the adapted UNet only (the frozen encoders run
+in their bf16 weights without autocast, as ``DiffusionTask.encode`` runs them), TF32 on, adapter
+fp32; ``tutorial+unet_grad`` keeps the UNet fp32 under autocast, as IP-Adapter's tutorial_train.py does.
+
+Each row is printed (and flushed) as soon as it is measured. ``--time-budget`` bounds the whole run:
+every piece of work (FLOP count, model build, eager or compiled row) starts only if its expected
+cost still fits, and a timer stops the row in progress at the budget. Running out of GPU memory
+(or a cuBLAS/cuDNN allocation failure) is a row, "OOM at batch 8", not the end of the run.
 """
 
 from __future__ import annotations
@@ -32,15 +38,13 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionM
 
 from instantstyle.content import encode_image
 from instantstyle.reference_configs import build_image_encoder, build_text_encoder, build_vae, load_reference_config
+from benchmarks.budget import Clock, OutOfTime, is_out_of_memory
 from benchmarks.bench_train import VARIANTS, PeakRSS, build_variant, tiny_unet_config
 from train.task import AdaptedUNet
 
 ENCODINGS = ("live", "cached")
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets; the first name contained wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-FIRST_COMPILE_GUESS_S = 150.0  # SDXL forward+backward under inductor, before one has been timed
-
-
 @dataclass
 class Encoders:
     """The frozen networks of SDXL adapter training."""
@@ -99,9 +103,10 @@ class Row:
     variant: str
     encoding: str
     compiled: bool
-    tflop_per_sample: float
+    tflop_per_sample: float | None  # None: not counted within the time budget
     samples_per_s: float | None = None
-    peak_gib: float | None = None
+    peak_gib: float | None = None  # CUDA: peak allocated by tensors; CPU: peak process RSS
+    reserved_gib: float | None = None  # CUDA: peak held by the caching allocator (what nvidia-smi sees, minus context)
     note: str = ""
 
 
@@ -131,7 +136,7 @@ def raw_inputs(setup: Setup, encoders: Encoders) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_live(encoders: Encoders, raw: dict[str, torch.Tensor]) -> tuple:
-    """The UNet's inputs from the frozen encoders, as ``DiffusionTask.encode`` computes them."""
+    """The UNet's inputs from the frozen encoders, as ``DiffusionTask.encode`` computes them (no autocast)."""
     vae = encoders.vae
     latents = vae.encode(raw["pixels"]).latent_dist.sample() * vae.config.scaling_factor
     out_1 = encoders.text_encoder(raw["ids"], output_hidden_states=True)
@@ -144,9 +149,9 @@ def encode_live(encoders: Encoders, raw: dict[str, torch.Tensor]) -> tuple:
 
 def train_step(setup: Setup, model: AdaptedUNet, optimizer: torch.optim.Optimizer | None,
                make_inputs: Callable[[], tuple]) -> None:
-    """Inputs, forward under autocast, MSE against noise, backward (outside autocast), step."""
-    with setup.autocast:
-        inputs = make_inputs()
+    """Inputs (outside autocast, as the trainer encodes), forward under autocast, MSE, backward, step."""
+    inputs = make_inputs()
+    with setup.autocast:  # Accelerate wraps only the prepared model's forward in autocast
         pred = model(*inputs)
     F.mse_loss(pred.float(), torch.randn_like(inputs[0])).backward()
     if optimizer is not None:
@@ -154,25 +159,37 @@ def train_step(setup: Setup, model: AdaptedUNet, optimizer: torch.optim.Optimize
         optimizer.zero_grad(set_to_none=True)
 
 
-def count_flops(setup: Setup) -> dict[str, float]:
-    """Training FLOPs of one sample on ``meta``: the encoders (key 'encoders') and each variant's UNet step."""
+def count_flops(setup: Setup, variants: list[str], clock: Clock) -> dict[str, float]:
+    """Training FLOPs of one sample on ``meta``: the encoders ('encoders') and each chosen variant's UNet step.
+
+    Each count starts only if it fits the time budget; what is missing shows as n/a in the table.
+    """
     # model FLOPs: what gradient checkpointing recomputes is not counted
     meta = replace(setup, device="meta", batch=1, amp=False, gradient_checkpointing=False)
-    encoders = setup.build_encoders("meta")
-    raw = raw_inputs(meta, encoders)
-    with FlopCounterMode(display=False) as counter:
-        inputs = encode_live(encoders, raw)
-    flops = {"encoders": counter.get_total_flops()}
-    for variant in VARIANTS:
-        model, _ = build_model(meta, variant, "meta")
+    flops: dict[str, float] = {}
+    if not clock.fits("flops"):
+        return flops
+    with clock.timing("flops"):
+        encoders = setup.build_encoders("meta")
+        raw = raw_inputs(meta, encoders)
         with FlopCounterMode(display=False) as counter:
-            train_step(meta, model, None, lambda: inputs)
-        flops[variant] = counter.get_total_flops()
+            inputs = encode_live(encoders, raw)
+        flops["encoders"] = counter.get_total_flops()
+    for variant in variants:
+        if not clock.fits("flops"):
+            break
+        with clock.timing("flops"):
+            model, _ = build_model(meta, variant, "meta")
+            with FlopCounterMode(display=False) as counter:
+                train_step(meta, model, None, lambda: inputs)
+            flops[variant] = counter.get_total_flops()
     return flops
 
 
-def tflop_per_sample(flops: dict[str, float], variant: str, encoding: str) -> float:
-    """The UNet step's FLOPs, plus the frozen encoders' when they run every step."""
+def tflop_per_sample(flops: dict[str, float], variant: str, encoding: str) -> float | None:
+    """The UNet step's FLOPs, plus the frozen encoders' when they run every step; None when not counted."""
+    if variant not in flops or (encoding == "live" and "encoders" not in flops):
+        return None
     return (flops[variant] + (flops["encoders"] if encoding == "live" else 0.0)) / 1e12
 
 
@@ -183,8 +200,8 @@ def free_memory(setup: Setup) -> None:
         torch.cuda.empty_cache()
 
 
-def time_steps(setup: Setup, step: Callable[[], None]) -> tuple[float, float]:
-    """(seconds per timed step, peak GiB): CUDA peak allocated, or peak process RSS on CPU."""
+def time_steps(setup: Setup, step: Callable[[], None]) -> tuple[float, float, float | None]:
+    """(seconds per timed step, peak allocated GiB, peak reserved GiB); on CPU peak RSS and no reserve."""
     cuda = setup.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -199,21 +216,21 @@ def time_steps(setup: Setup, step: Callable[[], None]) -> tuple[float, float]:
             step()
         sync()
         seconds = (time.perf_counter() - start) / setup.steps
-    return seconds, (torch.cuda.max_memory_allocated() if cuda else rss.peak) / 2**30
+    if cuda:
+        return seconds, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    return seconds, rss.peak / 2**30, None
 
 
 def measure(setup: Setup, row: Row, step: Callable[[], None]) -> Row:
-    """Fill ``row`` from timing ``step``; running out of GPU memory is a result, not a crash."""
-    try:
-        seconds, row.peak_gib = time_steps(setup, step)
-        row.samples_per_s = setup.batch / seconds
-    except torch.cuda.OutOfMemoryError:
-        row.note = f"OOM at batch {setup.batch}"
+    """Fill ``row`` from timing ``step``."""
+    seconds, row.peak_gib, row.reserved_gib = time_steps(setup, step)
+    row.samples_per_s = setup.batch / seconds
     return row
 
 
-def measure_variant(setup: Setup, variant: str, compiled: bool, flops: dict[str, float]) -> list[Row]:
-    """Live then cached rows of one variant; one model (and one compilation) serves both."""
+def measure_variant(setup: Setup, variant: str, compiled: bool, flops: dict[str, float],
+                    emit: Callable[[Row], None]) -> None:
+    """Live then cached rows of one variant, each emitted when measured; one model (and compilation) serves both."""
     free_memory(setup)
     model, params = build_model(setup, variant, setup.device)
     if compiled:
@@ -221,48 +238,76 @@ def measure_variant(setup: Setup, variant: str, compiled: bool, flops: dict[str,
     step = partial(train_step, setup, model, torch.optim.AdamW(params, lr=1e-4))
     encoders = setup.build_encoders(setup.device).frozen(torch.bfloat16 if setup.amp else torch.float32)
     raw = raw_inputs(setup, encoders)
-    with setup.autocast:
-        cached = encode_live(encoders, raw)  # same shapes and dtypes as live: no recompilation
-    live = measure(setup, Row(variant, "live", compiled, tflop_per_sample(flops, variant, "live")),
-                   lambda: step(lambda: encode_live(encoders, raw)))
+    cached = encode_live(encoders, raw)  # same shapes and dtypes as live: no recompilation
+    emit(measure(setup, Row(variant, "live", compiled, tflop_per_sample(flops, variant, "live")),
+                 lambda: step(lambda: encode_live(encoders, raw))))
     del encoders, raw  # training from stored outputs: the encoders are not in memory
     model.zero_grad(set_to_none=True)
     free_memory(setup)
-    cached_row = Row(variant, "cached", compiled, tflop_per_sample(flops, variant, "cached"))
-    rows = [live, measure(setup, cached_row, lambda: step(lambda: cached))]
-    del model, step, cached
-    if compiled:
-        torch._dynamo.reset()  # or this UNet's compiled graphs stay cached
+    emit(measure(setup, Row(variant, "cached", compiled, tflop_per_sample(flops, variant, "cached")),
+                 lambda: step(lambda: cached)))
+
+
+def run_rows(setup: Setup, variants: list[str], compile_modes: list[bool], budget_s: float,
+             emit: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    """Every row, each passed to ``emit`` as it is known; work that would not fit ``budget_s`` is skipped."""
+    clock, rows = Clock(budget_s, setup.device), []
+
+    def keep(row: Row) -> None:
+        rows.append(row)
+        emit(row)
+
+    with clock.deadline():
+        try:
+            with clock.stoppable():
+                flops = count_flops(setup, variants, clock)
+        except OutOfTime:
+            flops = {}
+        for compiled in compile_modes:
+            for variant in variants:
+                kind = "compiled" if compiled else "eager"
+                print(f"bench_gpu: {clock.elapsed():.0f} s, {variant}, compile={compiled}", file=sys.stderr, flush=True)
+                done = len(rows)
+                if not clock.fits(kind):
+                    note_rows(flops, variant, compiled, "skipped: --time-budget", keep)
+                    continue
+                with clock.timing(kind):
+                    note = run_variant(setup, variant, compiled, flops, keep, clock)
+                if note:
+                    note_rows(flops, variant, compiled, note, keep, skip={r.encoding for r in rows[done:]})
     return rows
 
 
-def run_rows(setup: Setup, variants: list[str], compile_modes: list[bool], budget_s: float) -> list[Row]:
-    """Every row; a compiled variant starts only if its expected compile+run still fits ``budget_s``."""
-    start, compile_cost, rows = time.perf_counter(), FIRST_COMPILE_GUESS_S, []
-    flops = count_flops(setup)
-    for compiled in compile_modes:
-        for variant in variants:
-            elapsed = time.perf_counter() - start
-            print(f"bench_gpu: {elapsed:.0f} s, {variant}, compile={compiled}", file=sys.stderr, flush=True)
-            if compiled and elapsed + compile_cost > budget_s:
-                rows += note_rows(flops, variant, "skipped: --time-budget")
-                continue
-            try:
-                rows += measure_variant(setup, variant, compiled, flops)
-            except Exception as error:  # noqa: BLE001 -- a failed compiler must not lose the rows measured so far
-                if not compiled:
-                    raise
-                print(f"bench_gpu: torch.compile failed: {error}", file=sys.stderr)
-                torch._dynamo.reset()
-                rows += note_rows(flops, variant, f"compile failed: {type(error).__name__}")
-            if compiled:
-                compile_cost = time.perf_counter() - start - elapsed
-    return rows
+def run_variant(setup: Setup, variant: str, compiled: bool, flops: dict[str, float],
+                emit: Callable[[Row], None], clock: Clock) -> str:
+    """Measure one variant; '' when its rows were emitted, else the note for the rows it could not measure."""
+    try:
+        with clock.stoppable():
+            measure_variant(setup, variant, compiled, flops, emit)
+        return ""
+    except OutOfTime:
+        return "stopped: --time-budget"
+    except Exception as error:  # noqa: BLE001 -- a failed row must not lose the rows measured so far
+        if is_out_of_memory(error):
+            note = f"OOM at batch {setup.batch}"
+        elif compiled:
+            print(f"bench_gpu: torch.compile failed: {error}", file=sys.stderr, flush=True)
+            note = f"compile failed: {type(error).__name__}"
+        else:
+            raise
+    finally:
+        if compiled:
+            torch._dynamo.reset()  # or this UNet's compiled graphs stay cached
+        free_memory(setup)
+    return note
 
 
-def note_rows(flops: dict[str, float], variant: str, note: str) -> list[Row]:
-    """Compiled rows of ``variant`` that carry a note instead of measurements."""
-    return [Row(variant, e, True, tflop_per_sample(flops, variant, e), note=note) for e in ENCODINGS]
+def note_rows(flops: dict[str, float], variant: str, compiled: bool, note: str, emit: Callable[[Row], None],
+              skip: set[str] = frozenset()) -> None:
+    """Rows of ``variant`` that carry a note instead of measurements (all encodings but ``skip``)."""
+    for e in ENCODINGS:
+        if e not in skip:
+            emit(Row(variant, e, compiled, tflop_per_sample(flops, variant, e), note=note))
 
 
 def card_peak_tflops(name: str) -> float | None:
@@ -270,18 +315,27 @@ def card_peak_tflops(name: str) -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key.lower() in name.lower()), None)
 
 
+TABLE_HEAD = ("| variant | encoding | compile | samples/s | peak alloc GiB | peak reserved GiB | TFLOP/sample "
+              "| MFU % |\n|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: Row, peak_tflops: float | None) -> str:
+    """One markdown line; MFU = FLOPs per sample × samples/s ÷ the card's peak."""
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    head = f"| {r.variant} | {r.encoding} | {'yes' if r.compiled else 'no'} |"
+    if r.samples_per_s is None:
+        return f"{head} {r.note} | | | {num(r.tflop_per_sample)} | |"
+    mfu = (100 * r.tflop_per_sample * r.samples_per_s / peak_tflops
+           if peak_tflops and r.tflop_per_sample is not None else None)
+    return (f"{head} {r.samples_per_s:.3g} | {r.peak_gib:.3g} | {num(r.reserved_gib)} | {num(r.tflop_per_sample)} "
+            f"| {num(mfu)} |")
+
+
 def format_table(rows: list[Row], peak_tflops: float | None) -> str:
-    """One markdown table; MFU = FLOPs per sample × samples/s ÷ the card's peak."""
-    lines = ["| variant | encoding | compile | samples/s | peak GiB | TFLOP/sample | MFU % |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r.variant} | {r.encoding} | {'yes' if r.compiled else 'no'} |"
-        if r.samples_per_s is None:
-            lines.append(f"{head} {r.note} | | {r.tflop_per_sample:.3g} | |")
-            continue
-        mfu = f"{100 * r.tflop_per_sample * r.samples_per_s / peak_tflops:.3g}" if peak_tflops else "n/a"
-        lines.append(f"{head} {r.samples_per_s:.3g} | {r.peak_gib:.3g} | {r.tflop_per_sample:.3g} | {mfu} |")
-    return "\n".join(lines)
+    """The whole markdown table."""
+    return "\n".join([TABLE_HEAD, *(format_row(r, peak_tflops) for r in rows)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -295,7 +349,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure with torch.compile on the UNet (default: on, on a GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as trainer.gradient_checkpointing")
     parser.add_argument("--time-budget", type=float, default=420.0,
-                        help="seconds; compiled rows that would end later are skipped")
+                        help="seconds for the whole run: work that would end later is skipped, work running "
+                             "at the end is stopped")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny models on CPU, fp32, batch 1, one step, no compile (checks the code path)")
@@ -328,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}; peak bf16 {peak or 'unknown (pass --peak-tflops)'} TFLOP/s; batch {setup.batch} at "
           f"{setup.resolution}²; {setup.warmup} warm-up + {setup.steps} timed steps; "
           f"{'bf16 autocast, TF32' if setup.amp else 'fp32'}; gradient checkpointing "
-          f"{'on' if setup.gradient_checkpointing else 'off'}\n")
-    print(format_table(run_rows(setup, args.variants, compile_modes, args.time_budget), peak))
+          f"{'on' if setup.gradient_checkpointing else 'off'}\n", flush=True)
+    print(TABLE_HEAD, flush=True)  # each row follows as it is measured: a killed run keeps what it printed
+    run_rows(setup, args.variants, compile_modes, args.time_budget,
+             emit=lambda row: print(format_row(row, peak), flush=True))
 
 
 if __name__ == "__main__":
