@@ -266,9 +266,6 @@ def check_config(cfg: DictConfig) -> Settings:
 
         check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
                     adapter_type=adapter_type)
-        if validation.enabled:
-            raise ConfigError("validation.every generates images, which needs the encoders that data=cached does "
-                              "not load; set validation.every=0 (trainer.validate_every still works)")
     check_resume(cfg.resume, str(cfg.output_dir))
     family, blocks = check_family_model(cfg, trainer, validation, data)
     init_from = cfg.adapter.get("init_from")

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evalu
 from instantstyle.generate import StyleGenerator
 from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, check_finite, gather_json,
                               restore_rng, save_parts)
+from train.cached_validation import encoders_on
 from train.compiling import uncompiled
 from train.loggers import ThroughputMeter, append_history
 from train.run import Run
@@ -146,9 +147,15 @@ def evaluate_live(run: Run, refs: list[StyleReference], out_dir: Path | None) ->
     # Autocast as in training: frozen nets in the training precision, adapter weights in fp32; but the
     # VAE decodes outside it, in its own dtype (fp32 in fp16 runs: SDXL's VAE overflows in fp16).
     # Eager: the images' shapes, CFG batch and no_grad would each recompile a compiled UNet, for a few calls.
-    with torch.no_grad(), run.accelerator.autocast(), decoding_outside_autocast(run.base.vae), uncompiled(model):
+    with torch.no_grad(), run.accelerator.autocast(), decoding_outside_autocast(run.base.vae), uncompiled(model), \
+            validation_encoders_on(run):
         return evaluate_adapter(generator, refs, config, out_dir, EvalSetting(content_scale=v.content_scale),
                                 encoders=run.settings.metric_encoders)
+
+
+def validation_encoders_on(run: Run) -> AbstractContextManager:
+    """A cached run's encoders wait in host memory and come to the device for validation only."""
+    return encoders_on(run.base, run.accelerator.device) if run.settings.data.cached else nullcontext()
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from instantstyle.models import BaseModel
 from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
                               load_parts, verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
+from train.cached_validation import HOST, park_encoders
 from train.compiling import choose_cudnn_benchmark, compile_denoiser
 from train.config import DataConfig, TrainerConfig, resolve_precision
 from train.data import build_train_loader
@@ -69,19 +70,32 @@ def check_distributed(backend: str | None, num_processes: int) -> bool:
     return backend == "FSDP" and num_processes > 1
 
 
-def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True) -> BaseModel:
+def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True,
+                   device: torch.device | None = None) -> BaseModel:
     """Each node's first process first, so a missing tiny base (or a download) is made once per node.
 
     Per node, not global rank 0: on several machines each has its own disk and Hugging Face cache.
     """
     with accelerator.local_main_process_first():
-        return instantiate(cfg.model, dtype=dtype, device=accelerator.device, encoders=encoders)
+        return instantiate(cfg.model, dtype=dtype, device=device or accelerator.device, encoders=encoders)
 
 
 def fixed_shapes(data: DataConfig) -> bool:
     """Every training batch has one shape: no aspect-ratio buckets (or a single one)."""
     buckets = data.buckets
     return str(buckets).lower() == "none" if isinstance(buckets, str) else len(buckets) == 1
+
+
+def load_frozen_base(cfg: DictConfig, settings: Settings, accelerator: Accelerator) -> BaseModel:
+    """The base as the data needs it: every encoder for live encoding; for an embedding cache the UNet on the
+    device, plus (when validation makes images) the encoders in host memory, moved in for validation only."""
+    cached, validates = settings.data.cached, settings.validation.enabled
+    if not cached or not validates:  # an embedding cache without validation needs the UNet only
+        return load_base_once(cfg, accelerator, settings.trainer.weight_dtype, encoders=not cached)
+    base = load_base_once(cfg, accelerator, settings.trainer.weight_dtype, encoders=True, device=HOST)
+    park_encoders(base)
+    base.unet.to(accelerator.device)
+    return base
 
 
 def prepare_model(base: BaseModel, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -106,7 +120,7 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
-    base = load_base_once(cfg, accelerator, trainer.weight_dtype, encoders=not settings.data.cached)  # an embedding cache needs the UNet only
+    base = load_frozen_base(cfg, settings, accelerator)
     if trainer.mixed_precision == "fp16":
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
