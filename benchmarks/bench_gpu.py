@@ -38,13 +38,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionM
 
 from instantstyle.content import encode_image
 from instantstyle.reference_configs import build_image_encoder, build_text_encoder, build_vae, load_reference_config
-from benchmarks.budget import Clock, OutOfTime, is_out_of_memory
 from benchmarks.bench_train import VARIANTS, PeakRSS, build_variant, tiny_unet_config
+from benchmarks.budget import Clock, OutOfTime, is_out_of_memory
 from train.task import AdaptedUNet
 
 ENCODINGS = ("live", "cached")
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets; the first name contained wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
 @dataclass
 class Encoders:
     """The frozen networks of SDXL adapter training."""

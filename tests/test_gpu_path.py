@@ -19,6 +19,7 @@ from train.config import DataConfig, compose
 from train.ema import EMA
 from tests.helpers import tiny_overrides
 from tests.test_train import fixed_batch, task  # noqa: F401 -- the task fixture
+from tests.test_validation import styles, validation_args  # noqa: F401 -- the style references fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,8 @@ def test_uncompiled_runs_eagerly_and_keeps_the_compiled_module_for_after():
     assert len(graphs) == 1
 
 
-def test_fixed_batch_loss_does_not_run_the_compiled_unet(monkeypatch, tiny_model_dir, shards, tmp_path):
+def test_fixed_batch_loss_and_validation_images_do_not_run_the_compiled_unet(monkeypatch, tiny_model_dir, shards,
+                                                                            styles, tmp_path):  # noqa: F811
     grad_modes = []
 
     def fake_compile(fn, *args, **kwargs):
@@ -112,9 +114,9 @@ def test_fixed_batch_loss_does_not_run_the_compiled_unet(monkeypatch, tiny_model
     monkeypatch.setattr(torch, "compile", fake_compile)
     run = training.train(compose(tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "trainer.max_steps=2",
                                                 "trainer.checkpoint_every=0", "trainer.compile=true",
-                                                "trainer.validate_every=1")))
-    assert run.step == 2
-    assert grad_modes == [True, True]  # the two training steps; the two fixed-batch losses ran eagerly
+                                                "trainer.validate_every=1", *validation_args(styles, every=1))))
+    assert run.step == 2 and run.summary["validation"]["step"] == 2
+    assert grad_modes == [True, True]  # the two training steps; fixed-batch losses and images ran eagerly
 
 
 @pytest.mark.parametrize("buckets, fixed", [("none", True), ("sdxl", False), ([[64, 64]], True),
