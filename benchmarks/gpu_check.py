@@ -178,10 +178,12 @@ def run_training(check: Check, name: str, budget_s: float, out: str, steps: int,
 
 
 def train_toy(check: Check, budget_s: float) -> Result:
+    """Ten steps on the toy base with mixed_precision=auto, checkpoint at step 10."""
     return run_training(check, "train", budget_s, "run", 10, "trainer.checkpoint_every=10")
 
 
 def resume_compiled(check: Check, budget_s: float) -> Result:
+    """The run resumed from step 10 to 20 with trainer.compile=true; it exports at the end."""
     # The smoke keeps the trainer.compile=true path but not inductor's minutes on a CPU: torch.compile is a no-op.
     env = {"TORCH_COMPILE_DISABLE": "1"} if check.smoke else None
     result = run_training(check, "resume_compile", budget_s, "run", 20, "trainer.checkpoint_every=10",
@@ -231,11 +233,13 @@ def eight_bit_missing(check: Check) -> str:
 
 
 def train_8bit(check: Check, budget_s: float) -> Result:
+    """8-bit AdamW, gradient checkpointing and EMA to step 5."""
     why = eight_bit_missing(check)
     return Result("skipped", why) if why else run_training(check, "adamw8bit", budget_s, "run8bit", 5, *EIGHT_BIT)
 
 
 def resume_8bit(check: Check, budget_s: float) -> Result:
+    """That run resumed from step 5 to 10."""
     why = eight_bit_missing(check)
     if why:
         return Result("skipped", why)
