@@ -43,6 +43,18 @@ def test_cached_run_writes_validation_images_with_encoders_brought_in_for_valida
                for m in (base.vae, base.text_encoder, base.text_encoder_2, base.image_encoder))
 
 
+def test_a_cache_streamed_through_a_pipe_writes_validation_images(tiny_model_dir, cache, styles, tmp_path):  # noqa: F811
+    """The 4M-image setting: the cache comes from object storage through pipe:, and the run still shows images."""
+    out = tmp_path / "run"
+    cfg = compose([*tiny_overrides(tiny_model_dir, str(cache), out, "data=cached", "trainer.max_steps=2",
+                                   "trainer.checkpoint_every=0", *validation_args(styles, every=2)),
+                   f"data.shards='pipe:cat {cache}/{{00000..00003}}.tar'", f"data.cache_dir={cache}"])
+    run = train(cfg)
+    assert run.step == 2 and run.summary["samples_seen"] == 4
+    assert (out / "eval" / "step-00000002" / "grid.png").is_file()
+    assert all(math.isfinite(run.summary["validation"][m]) for m in METRICS)
+
+
 def test_cached_run_without_validation_still_loads_no_encoder_weights(tiny_model_dir, cache, tmp_path):  # noqa: F811
     run = train(compose(tiny_overrides(tiny_model_dir, str(cache), tmp_path / "run", "data=cached",
                                        "trainer.max_steps=1", "trainer.checkpoint_every=0")))
