@@ -2,13 +2,15 @@
 
 A cache is a folder of WebDataset shards (same names as the source shards) plus `manifest.json`
 (`data_tools.shards`' manifest: per-shard counts, so the training split stays even) whose
-`options["cache"]` names what made it, and `empty_prompt.safetensors` (the empty caption's
+`options["cache"]` names what made it (the base family among it: FLUX latents are stored unpacked and
+packed at training time, as the live task packs them), and `empty_prompt.safetensors` (the empty caption's
 embeddings, for text dropout). Each sample holds:
 
 - `KEY.safetensors`: `latent_mean`, `latent_std` (the VAE's latent distribution, not one draw:
   training samples mean + std·ε anew each epoch, keeping the regularising noise the live VAE adds),
   `prompt_embeds` (both text encoders' penultimate hidden states, concatenated as the UNet takes
-  them), `pooled_prompt_embeds` (SDXL), `image_features` (`image_embeds`, or the penultimate hidden
+  them; FLUX: the T5 sequence at the identity's `max_sequence_length`), `pooled_prompt_embeds` (SDXL;
+  FLUX: CLIP's pooled embedding), `image_features` (`image_embeds`, or the penultimate hidden
   states for ip_adapter_plus), and with `--reference-views K` also `image_feature_views` (K, …): the
   image encoder's outputs for K augmented references (`instantstyle.augment`), one of which training
   draws per sample and epoch when the data config turns reference augmentation on;
@@ -43,19 +45,25 @@ TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embe
 VIEWS_KEY = "image_feature_views"
 # Identity entries that must match the training config; the rest (dtype, batch size) are informative.
 IDENTITY_KEYS = ("base_model", "image_encoder", "adapter_type", "resolution", "buckets", "clip_image_size",
-                 "clip_mean", "clip_std")
+                 "clip_mean", "clip_std", "max_sequence_length")
+UNET_FAMILIES = ("sdxl", "sd15")  # what a cache recording no family holds (made before FLUX caches existed)
 
 
 def cache_identity(*, base_model: str, image_encoder: str, adapter_type: str, resolution: int, buckets: Any,
                    clip_image_size: int, clip_mean, clip_std, dtype: str, encode_batch_size: int,
-                   scaling_factor: float, shapes: dict, reference: dict | None = None) -> dict:
+                   scaling_factor: float, shapes: dict, reference: dict | None = None, family: str,
+                   max_sequence_length: int | None = None, shift_factor: float | None = None) -> dict:
     """The manifest's `options["cache"]`: what a cache was made from and how (``reference``: its augmented views).
+
+    ``family``: the base's (sdxl, sd15, flux), so a cache is never read by another family's training;
+    ``max_sequence_length``: FLUX's T5 length (None for UNet bases).
 
     ``shapes``: ``latent`` [channels, downscale factor], and the shape of ``prompt_embeds``,
     ``pooled_prompt_embeds`` (None without one) and ``image_features`` of one sample.
     """
-    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "base_model": base_model, "reference": reference,
-            "shapes": shapes,
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "family": family, "base_model": base_model,
+            "reference": reference, "shapes": shapes, "max_sequence_length": max_sequence_length,
+            "shift_factor": shift_factor,
             "image_encoder": image_encoder, "adapter_type": adapter_type, "resolution": resolution,
             "buckets": buckets, "clip_image_size": clip_image_size, "clip_mean": [float(v) for v in clip_mean],
             "clip_std": [float(v) for v in clip_std], "dtype": dtype, "encode_batch_size": encode_batch_size,
@@ -104,6 +112,14 @@ def identity_mismatch(found: dict, wanted: dict) -> str | None:
         if _normal(found.get(key)) != _normal(wanted.get(key)):
             return f"{key}: cache {found.get(key)!r}, config {wanted.get(key)!r}"
     return None
+
+
+def family_mismatch(found: dict, family: str) -> str | None:
+    """'the cache holds sdxl encoder outputs, this config trains flux' when the base families differ, else None."""
+    made = found.get("family")
+    if made == family or (made is None and family in UNET_FAMILIES):
+        return None
+    return f"the cache holds {made or 'sdxl/sd15'} encoder outputs, this config trains {family}"
 
 
 def _normal(value: Any) -> Any:

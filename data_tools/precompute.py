@@ -6,7 +6,7 @@
 
 Every image is cropped exactly as the training loader crops it without augmentation (centred,
 no flip: `data_tools.transforms`), then encoded by the VAE, both text encoders and the image
-encoder; `data_tools.embedding_cache` says what is stored and why. Deterministic: the same inputs
+encoder (a FLUX.1 base: its VAE, CLIP pooled and T5 sequence, as `model=flux` training encodes them); `data_tools.embedding_cache` says what is stored and why. Deterministic: the same inputs
 give byte-identical shards. Resumable: shards are written atomically under their source names, so
 a killed run started again skips the finished ones. Every chunk is encoded at `--batch-size` rows
 (padded), which makes the values bitwise those of live training at that batch size.
@@ -38,6 +38,8 @@ from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
+
+FLUX_PIPELINE = "FluxPipeline"  # model_index.json's class of a FLUX.1 base
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +130,11 @@ def encode_items(base: BaseModel, items: list[dict], args: argparse.Namespace) -
             mean, std = latent_distribution(base.vae, pixels)
             for row, i in enumerate(chunk):
                 out[i].update(latent_mean=mean[row], latent_std=std[row])
-    device = base.unet.device
+    device = encoder_device(base)
     for start in range(0, len(items), b):
         chunk = list(range(start, min(start + b, len(items))))
         captions = [items[i]["caption"] for i in chunk]
-        embeds, pooled = encode_prompts(base, captions + [captions[-1]] * (b - len(chunk)))
+        embeds, pooled = encode_text(base, captions + [captions[-1]] * (b - len(chunk)))
         clip = clip_input(pad_rows(torch.stack([items[i]["clip_pixels"] for i in chunk]), b).to(device), CLIP_MEAN, CLIP_STD)
         features = encode_image(base.image_encoder, clip, args.adapter_type)
         for row, i in enumerate(chunk):
@@ -147,7 +149,7 @@ def encode_items(base: BaseModel, items: list[dict], args: argparse.Namespace) -
 def encode_views(base: BaseModel, items: list[dict], out: list[dict], args: argparse.Namespace) -> None:
     """The image encoder's output for every augmented view, stacked per item as ``image_feature_views``."""
     views = [(i, view) for i, item in enumerate(items) for view in item["views"]]
-    b, device, encoded = args.batch_size, base.unet.device, []
+    b, device, encoded = args.batch_size, encoder_device(base), []
     for start in range(0, len(views), b):
         chunk = [view for _, view in views[start:start + b]]
         clip = clip_input(pad_rows(torch.stack(chunk), b).to(device), CLIP_MEAN, CLIP_STD)
@@ -169,8 +171,32 @@ def cache_shard(base: BaseModel, url: str, target: Path, args: argparse.Namespac
 @torch.no_grad()
 def empty_prompt(base: BaseModel, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The empty caption's embeddings, as a row of a batch_size call (what live text dropout encodes)."""
-    embeds, pooled = encode_prompts(base, [""] * batch_size)
+    embeds, pooled = encode_text(base, [""] * batch_size)
     return embeds[0], None if pooled is None else pooled[0]
+
+
+def is_flux_base(path: str) -> bool:
+    """True when `path` (folder or hub id) holds a FLUX.1 pipeline."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path).get("_class_name") == FLUX_PIPELINE
+    except (OSError, ValueError):
+        return False  # load_base says what is wrong with the folder
+
+
+def encode_text(base, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds, pooled) as this family's training task encodes captions live."""
+    if base.family == "flux":
+        from instantstyle.flux_models import encode_flux_prompts
+
+        return encode_flux_prompts(base, captions)
+    return encode_prompts(base, captions)
+
+
+def encoder_device(base) -> torch.device:
+    """Where the frozen encoders run."""
+    return base.device if base.family == "flux" else base.unet.device
 
 
 @torch.no_grad()
@@ -178,7 +204,7 @@ def tensor_shapes(base: BaseModel, args: argparse.Namespace, prompt_embeds: torc
                   pooled: torch.Tensor | None) -> dict:
     """The identity's ``shapes``: training checks every cached sample against them before it is batched."""
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1)  # the VAE's downscale (diffusers' vae_scale_factor)
-    probe = torch.zeros(1, 3, args.clip_image_size, args.clip_image_size, device=base.unet.device)
+    probe = torch.zeros(1, 3, args.clip_image_size, args.clip_image_size, device=encoder_device(base))
     features = encode_image(base.image_encoder, probe, args.adapter_type)
     return {"latent": [int(base.vae.config.latent_channels), factor], "prompt_embeds": list(prompt_embeds.shape),
             "pooled_prompt_embeds": None if pooled is None else list(pooled.shape),
@@ -202,6 +228,16 @@ def reference_identity(args: argparse.Namespace) -> dict | None:
             "flip_prob": args.reference_flip_prob, "shuffle_grid": args.reference_shuffle_grid}
 
 
+def load_encoders(args: argparse.Namespace, flux: bool, device: torch.device):
+    """The frozen base in fp32 (FLUX: its stock pipeline), whose encoders fill the cache."""
+    if flux:
+        from instantstyle.flux_models import load_flux_base
+
+        return load_flux_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=device)
+    return load_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=device,
+                     check_content=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; exit status 2 with one line on a usage mistake."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -219,10 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     state = PartialState()
-    base = load_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=state.device,
-                     check_content=False)
+    flux = is_flux_base(args.base)
+    if flux and args.adapter_type != "ip_adapter":
+        print(f"error: FLUX adapters read image_embeds; --adapter-type {args.adapter_type} is for SDXL/SD 1.5 bases",
+              file=sys.stderr)
+        return 2
+    base = load_encoders(args, flux, state.device)
     embeds, pooled = empty_prompt(base, args.batch_size)
-    identity = cache_identity(base_model=source_id(base.path), image_encoder=source_id(base.image_encoder_path),
+    identity = cache_identity(family=base.family, max_sequence_length=base.max_sequence_length if flux else None,
+                              shift_factor=base.vae.config.shift_factor,
+                              base_model=source_id(base.path), image_encoder=source_id(base.image_encoder_path),
                               adapter_type=args.adapter_type, resolution=args.resolution,
                               buckets=None if buckets is None else [list(b) for b in buckets],
                               clip_image_size=args.clip_image_size, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,

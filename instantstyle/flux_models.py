@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxPipeline
-from transformers import CLIPVisionModelWithProjection
+from diffusers import AutoencoderKL, FluxPipeline
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection, T5EncoderModel
 
-from .models import BaseModelError, _load, resolve_image_encoder
+from .models import BaseModelError, _config_only, _load, resolve_image_encoder
 
 # FluxPipeline's default T5 length for FLUX.1-dev (schnell takes at most 256).
 MAX_SEQUENCE_LENGTH = 512
@@ -52,18 +52,29 @@ class FluxBase:
 
 
 def load_flux_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> FluxBase:
-    """Load every frozen component in eval mode with ``requires_grad=False``."""
+                   device: str | torch.device = "cpu", encoders: bool = True) -> FluxBase:
+    """Load every frozen component in eval mode with ``requires_grad=False``.
+
+    ``encoders=False`` (training from an embedding cache) loads the transformer's weights only; the
+    VAE, both text encoders and the image encoder are config-only ``meta`` modules (T5-XXL alone is 9.5 GiB).
+    """
     enc_path, enc_sub = resolve_image_encoder(path, image_encoder)
-    encoder = _load(CLIPVisionModelWithProjection, enc_path, enc_sub, dtype)
+    load = _load if encoders else _config_only
+    # The image encoder is passed in: FLUX.1-dev's folder has none, and it may live elsewhere.
+    parts = {"image_encoder": load(CLIPVisionModelWithProjection, enc_path, enc_sub, dtype)}
+    if not encoders:
+        parts.update(vae=_config_only(AutoencoderKL, path, "vae", dtype),
+                     text_encoder=_config_only(CLIPTextModel, path, "text_encoder", dtype),
+                     text_encoder_2=_config_only(T5EncoderModel, path, "text_encoder_2", dtype))
     try:
-        # The image encoder is passed in: FLUX.1-dev's folder has none, and it may live elsewhere.
-        pipe = FluxPipeline.from_pretrained(path, image_encoder=encoder, feature_extractor=None, dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(path, **parts, feature_extractor=None, dtype=dtype)
     except (OSError, ValueError) as err:
         raise BaseModelError(f"cannot load a FluxPipeline from {path}: {str(err).splitlines()[0]}") from err
     base = FluxBase(pipe, str(path), f"{enc_path}:{enc_sub}" if enc_sub else enc_path)
     for module in base.frozen_modules():
-        module.requires_grad_(False).eval().to(device)
+        module.requires_grad_(False).eval()
+        if module.device.type != "meta":
+            module.to(device)
     return base
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from data_tools.augment import draw_drops, reference_augment
 from data_tools.buckets import parse_buckets
 from data_tools.embedding_cache import VIEWS_KEY, CacheError, CacheSpec, decode_sample as decode_members, \
-    identity_mismatch, load_spec, read_cache_manifest, source_id
+    family_mismatch, identity_mismatch, load_spec, read_cache_manifest, source_id
 from data_tools.decode import BadSample
 from data_tools.shards import RawSample, is_remote
 from train.config import ConfigError, DataConfig
@@ -73,8 +73,11 @@ def reference_mismatch(views: dict | None, data: DataConfig) -> str | None:
 
 
 def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_encoder: str | None,
-                adapter_type: str) -> dict:
-    """The cache fits this config (base, encoders, resolution, buckets, adapter type); its identity, or ConfigError."""
+                adapter_type: str, family: str | None = None) -> dict:
+    """The cache fits this config (family, base, encoders, resolution, buckets, adapter type); its identity, or ConfigError.
+
+    ``family`` None: the base is not built yet (build_if_missing), so no cache can have been made from it.
+    """
     folder = _one_location(data, urls)
     try:
         manifest = read_cache_manifest(folder)
@@ -85,10 +88,15 @@ def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_enc
                           f"python -m data_tools.precompute --base {model_path} --shards 'IMAGES/*.tar' --out {folder}")
     _check_complete(manifest, folder, urls)
     found = manifest.options["cache"]
+    wrong_family = family and family_mismatch(found, family)
+    if wrong_family:
+        raise ConfigError(f"data.shards: {wrong_family} ({folder}); precompute a cache with this config's "
+                          f"model.path or train from images with data=webdataset")
     if data.random_crop or data.random_flip:
         raise ConfigError("data=cached: crops are fixed when the cache is made; set data.random_crop=false "
                           "data.random_flip=false (or train from images with data=webdataset)")
-    mismatch = identity_mismatch(found, _wanted_identity(data, model_path, image_encoder, adapter_type)) or \
+    wanted = _wanted_identity(data, model_path, image_encoder, adapter_type, family)
+    mismatch = identity_mismatch(found, wanted) or \
         reference_mismatch(found.get("reference"), data)
     if mismatch:
         raise ConfigError(f"data.shards: the cache in {folder} was made for another setup ({mismatch}); "
@@ -141,7 +149,8 @@ def _check_complete(manifest, folder: str, urls: list[str]) -> None:
         log.warning("data.shards names %d of the cache's %d shards: training on those only", len(urls), len(listed))
 
 
-def _wanted_identity(data: DataConfig, model_path: str, image_encoder: str | None, adapter_type: str) -> dict:
+def _wanted_identity(data: DataConfig, model_path: str, image_encoder: str | None, adapter_type: str,
+                     family: str | None) -> dict:
     """The identity entries a cache for this config must carry."""
     from instantstyle.models import BaseModelError, resolve_image_encoder
 
@@ -153,4 +162,12 @@ def _wanted_identity(data: DataConfig, model_path: str, image_encoder: str | Non
     return {"base_model": source_id(model_path), "image_encoder": source_id(f"{enc_path}:{enc_sub}" if enc_sub else enc_path),
             "adapter_type": adapter_type, "resolution": data.resolution,
             "buckets": None if buckets is None else [list(b) for b in buckets],
-            "clip_image_size": data.clip_image_size, "clip_mean": list(data.clip_mean), "clip_std": list(data.clip_std)}
+            "clip_image_size": data.clip_image_size, "clip_mean": list(data.clip_mean), "clip_std": list(data.clip_std),
+            "max_sequence_length": _flux_text_length() if family == "flux" else None}
+
+
+def _flux_text_length() -> int:
+    """The T5 length FLUX training encodes captions at (a cache must hold sequences of it)."""
+    from instantstyle.flux_models import MAX_SEQUENCE_LENGTH
+
+    return MAX_SEQUENCE_LENGTH

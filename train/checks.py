@@ -175,8 +175,6 @@ def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: Vali
     from train.flux_builders import check_flux_config, is_flux
 
     if is_flux(cfg.model):
-        if data.cached:
-            raise ConfigError("data=cached holds SDXL encoder outputs; FLUX training encodes live (use data=webdataset)")
         return check_flux_config(cfg, trainer, validation)
     return check_model(cfg.model, cfg.blocks, data.clip_image_size)
 
@@ -261,13 +259,13 @@ def check_config(cfg: DictConfig) -> Settings:
     encoders = load_validation_encoders(validation)
     check_optimizer(cfg.optim)
     data, urls = check_data(cfg.data)
-    if data.cached:  # the embedding cache must fit the model, adapter and data config
+    check_resume(cfg.resume, str(cfg.output_dir))
+    family, blocks = check_family_model(cfg, trainer, validation, data)
+    if data.cached:  # the embedding cache must fit the model family, base, adapter and data config
         from train.cached_data import check_cache
 
         check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
-                    adapter_type=adapter_type)
-    check_resume(cfg.resume, str(cfg.output_dir))
-    family, blocks = check_family_model(cfg, trainer, validation, data)
+                    adapter_type=adapter_type, family=family)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")

@@ -35,15 +35,12 @@ def build_flux_base(path: str, *, image_encoder: str | None = None, check_conten
     """
     from instantstyle.flux_models import load_flux_base
 
-    if not encoders:
-        raise ConfigError("data=cached holds SDXL encoder outputs; FLUX training encodes live (use data=webdataset)")
-
     del check_content_space  # FLUX has no shared text-image space; check_flux_config refuses true
     if build_if_missing and not Path(path, "transformer").is_dir():
         from data_tools.make_tiny_flux import save_tiny_flux
 
         save_tiny_flux(path)
-    return load_flux_base(path, image_encoder=image_encoder, dtype=dtype, device=device)
+    return load_flux_base(path, image_encoder=image_encoder, dtype=dtype, device=device, encoders=encoders)
 
 
 def flux_target_blocks(blocks: Any) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instantstyle.encode import clip_input, vae_input
+from instantstyle.encode import clip_input, sample_latents, to_device, vae_input
 from instantstyle.content import encode_image
 from instantstyle.flux import FluxStyleAdapter
 from instantstyle.flux_flow import FluxTimestepSampling, noisy_pair, normalize_latents, pack_latents, transformer_inputs
@@ -78,16 +78,37 @@ class FluxTask:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> FluxConditioning:
-        """Normalized latents, prompt embeddings and image embeddings; nothing here needs grad."""
+        """Normalized latents, prompt embeddings and image embeddings; nothing here needs grad.
+
+        A batch from an embedding cache (``data=cached``) carries the encoders' outputs; any other
+        carries uint8 pixels and captions, encoded here. Both then draw the latent from its
+        distribution with the task's generator, so the two give the same loss.
+        """
+        mean, std, prompt_embeds, pooled, embeds = self._cached(batch) if "latent_mean" in batch else self._live(batch)
         vae = self.base.vae
-        pixels = vae_pixels(batch["pixel_values"].to(self.device)).to(vae.dtype)
-        sample = vae.encode(pixels).latent_dist.sample(generator=self.generator)
-        latents = normalize_latents(sample, vae.config.shift_factor, vae.config.scaling_factor)
+        draw = sample_latents(mean, std, self.generator, 1.0)  # what latent_dist.sample(generator) draws
+        latents = normalize_latents(draw, vae.config.shift_factor, vae.config.scaling_factor)
+        keep = (~to_device(batch["drop_image"], self.device)).to(embeds.dtype)
+        return FluxConditioning(latents.float(), prompt_embeds, pooled, embeds * keep[:, None])
+
+    def _live(self, batch: dict) -> tuple:
+        """Run the frozen encoders on the loader's pixels and captions."""
+        vae = self.base.vae
+        dist = vae.encode(vae_pixels(batch["pixel_values"].to(self.device)).to(vae.dtype)).latent_dist
         prompt_embeds, pooled = encode_flux_prompts(self.base, list(batch["captions"]))
         clip = clip_pixels(batch["clip_pixel_values"].to(self.device), self.clip_mean, self.clip_std)
-        embeds = encode_image(self.base.image_encoder, clip, "ip_adapter")
-        keep = (~batch["drop_image"].to(self.device)).to(embeds.dtype)
-        return FluxConditioning(latents.float(), prompt_embeds, pooled, embeds * keep[:, None])
+        return dist.mean, dist.std, prompt_embeds, pooled, encode_image(self.base.image_encoder, clip, "ip_adapter")
+
+    def _cached(self, batch: dict) -> tuple:
+        """The precomputed outputs, in the dtypes the (unloaded) encoders would have produced."""
+        pipe = self.base.pipe
+
+        def moved(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return to_device(batch[key], self.device).to(dtype)
+
+        return (moved("latent_mean", pipe.vae.dtype), moved("latent_std", pipe.vae.dtype),
+                moved("prompt_embeds", pipe.text_encoder_2.dtype), moved("pooled_prompt_embeds", pipe.text_encoder.dtype),
+                moved("image_features", pipe.image_encoder.dtype))
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cond = self.encode(batch)
