@@ -113,7 +113,7 @@ def test_flux_trains_from_the_cache_end_to_end(flux_dir, flux_cache, tmp_path):
     from train.training import train
 
     run = train(compose(flux_overrides(flux_dir, str(flux_cache), tmp_path / "run", "data=cached",
-                                       "trainer.max_steps=2", "trainer.checkpoint_every=0")))
+                                       "trainer.max_steps=2", "trainer.checkpoint_every=0", "trainer.validate_every=1")))
     assert run.summary["step"] == 2 and run.summary["final_loss"] > 0
     assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
     assert run.base.pipe.text_encoder_2.device.type == "meta" and run.base.vae.device.type == "meta"
