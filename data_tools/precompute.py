@@ -6,7 +6,8 @@
 
 Every image is cropped exactly as the training loader crops it without augmentation (centred,
 no flip: `data_tools.transforms`), then encoded by the VAE, both text encoders and the image
-encoder (a FLUX.1 base: its VAE, CLIP pooled and T5 sequence, as `model=flux` training encodes them); `data_tools.embedding_cache` says what is stored and why. Deterministic: the same inputs
+encoder (a FLUX.1 base: its VAE, CLIP pooled and T5 sequence, as `model=flux` training encodes
+them); `data_tools.embedding_cache` says what is stored and why. Deterministic: the same inputs
 give byte-identical shards. Resumable: shards are written atomically under their source names, so
 a killed run started again skips the finished ones. Every chunk is encoded at `--batch-size` rows
 (padded), which makes the values bitwise those of live training at that batch size.
@@ -20,6 +21,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +40,9 @@ from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
+
+if TYPE_CHECKING:
+    from instantstyle.flux_models import FluxBase
 
 FLUX_PIPELINE = "FluxPipeline"  # model_index.json's class of a FLUX.1 base
 
@@ -185,7 +190,7 @@ def is_flux_base(path: str) -> bool:
         return False  # load_base says what is wrong with the folder
 
 
-def encode_text(base, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(base: BaseModel | FluxBase, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds, pooled) as this family's training task encodes captions live."""
     if base.family == "flux":
         from instantstyle.flux_models import encode_flux_prompts
@@ -194,7 +199,7 @@ def encode_text(base, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor |
     return encode_prompts(base, captions)
 
 
-def encoder_device(base) -> torch.device:
+def encoder_device(base: BaseModel | FluxBase) -> torch.device:
     """Where the frozen encoders run."""
     return base.device if base.family == "flux" else base.unet.device
 
@@ -228,7 +233,7 @@ def reference_identity(args: argparse.Namespace) -> dict | None:
             "flip_prob": args.reference_flip_prob, "shuffle_grid": args.reference_shuffle_grid}
 
 
-def load_encoders(args: argparse.Namespace, flux: bool, device: torch.device):
+def load_encoders(args: argparse.Namespace, flux: bool, device: torch.device) -> BaseModel | FluxBase:
     """The frozen base in fp32 (FLUX: its stock pipeline), whose encoders fill the cache."""
     if flux:
         from instantstyle.flux_models import load_flux_base

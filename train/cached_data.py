@@ -74,7 +74,7 @@ def reference_mismatch(views: dict | None, data: DataConfig) -> str | None:
 
 def check_cache(data: DataConfig, urls: list[str], *, model_path: str, image_encoder: str | None,
                 adapter_type: str, family: str | None = None) -> dict:
-    """The cache fits this config (family, base, encoders, resolution, buckets, adapter type); its identity, or ConfigError.
+    """The cache fits this config (family, base, encoders, resolution, buckets, adapter); its identity, or ConfigError.
 
     ``family`` None: the base is not built yet (build_if_missing), so no cache can have been made from it.
     """

@@ -107,7 +107,8 @@ class FluxTask:
             return to_device(batch[key], self.device).to(dtype)
 
         return (moved("latent_mean", pipe.vae.dtype), moved("latent_std", pipe.vae.dtype),
-                moved("prompt_embeds", pipe.text_encoder_2.dtype), moved("pooled_prompt_embeds", pipe.text_encoder.dtype),
+                moved("prompt_embeds", pipe.text_encoder_2.dtype),  # T5
+                moved("pooled_prompt_embeds", pipe.text_encoder.dtype),  # CLIP-L
                 moved("image_features", pipe.image_encoder.dtype))
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
