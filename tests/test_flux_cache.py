@@ -119,3 +119,11 @@ def test_flux_trains_from_the_cache_end_to_end(flux_dir, flux_cache, tmp_path):
     assert run.summary["step"] == 2 and run.summary["final_loss"] > 0
     assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
     assert run.base.pipe.text_encoder_2.device.type == "meta" and run.base.vae.device.type == "meta"
+
+
+def test_a_cache_recording_no_family_is_a_unet_cache():
+    from data_tools.embedding_cache import family_mismatch
+
+    legacy = {"base_model": "/bases/sdxl"}  # made before caches recorded their family: only UNet bases had caches
+    assert family_mismatch(legacy, "sdxl") is None and family_mismatch(legacy, "sd15") is None
+    assert family_mismatch(legacy, "flux") == "the cache holds sdxl/sd15 encoder outputs, this config trains flux"
