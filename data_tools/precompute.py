@@ -40,6 +40,7 @@ from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.models import BaseModel, encode_prompts, load_base
+from instantstyle.threads import configure_cpu_threads
 
 if TYPE_CHECKING:
     from instantstyle.flux_models import FluxBase
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: FLUX adapters read image_embeds; --adapter-type {args.adapter_type} is for SDXL/SD 1.5 bases",
               file=sys.stderr)
         return 2
+    log.info(configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=state.device.type))
     base = load_encoders(args, flux, state.device)
     embeds, pooled = empty_prompt(base, args.batch_size)
     identity = cache_identity(family=base.family, max_sequence_length=base.max_sequence_length if flux else None,

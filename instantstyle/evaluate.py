@@ -33,6 +33,7 @@ from PIL import Image
 from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .grid import make_grid
+from .threads import configure_cpu_threads
 
 # torch, transformers and the metrics load inside the functions that use them, so --help is instant.
 if TYPE_CHECKING:
@@ -342,6 +343,7 @@ def run(args: argparse.Namespace) -> dict:
     from .metrics import ClipEmbedder
 
     device = resolve_device(args.device)
+    print(configure_cpu_threads(device=device), flush=True)
     encoders = load_metric_encoders(args.csd, args.dino, device)  # before the base: a bad path fails fast
     generator = StyleGenerator.from_pretrained(args.base, args.adapter, image_encoder=args.image_encoder,
                                                device=device)

@@ -30,6 +30,7 @@ from PIL import Image
 from .blocks import UnknownBlockError, resolve_blocks
 from .errors import AdapterFileError, GenerationError
 from .grid import make_grid
+from .threads import configure_cpu_threads
 
 # torch, diffusers and transformers load inside the functions that use them, so that --help and
 # argument errors answer at once instead of after seconds of imports.
@@ -304,8 +305,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.control_image:
         load_image(args.control_image, "control image")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = resolve_device(args.device)
+    print(configure_cpu_threads(device=device), flush=True)
     generator = StyleGenerator.from_pretrained(args.base, args.adapter, blocks=args.blocks, dtype=dtype,
-                                               image_encoder=args.image_encoder, device=resolve_device(args.device),
+                                               image_encoder=args.image_encoder, device=device,
                                                controlnet=args.controlnet)
     images = generator.generate(
         args.style_image, args.prompt, content_prompt=args.content_prompt, content_scale=args.content_scale,

@@ -137,7 +137,9 @@ def test_demo_run_is_quiet_and_keeps_every_file_in_its_folder(shards, tmp_path):
     assert noisy == [], noisy
     assert list(here.iterdir()) == []  # no outputs/<time>/ beside the user
     assert (run / "ip-adapter.safetensors").is_file() and (run / ".hydra" / "config.yaml").is_file()
-    assert "step 2/2 loss" in (run / "train_rank0.log").read_text()  # the text log, one line per window
+    log = (run / "train_rank0.log").read_text()
+    assert "step 2/2 loss" in log  # the text log, one line per window
+    assert "device: cpu, " in log.splitlines()[0] and " torch thread" in log.splitlines()[0]  # the CPU thread choice
 
 
 def test_sweep_jobs_each_get_their_own_folder(tiny_model_dir, shards, tmp_path):

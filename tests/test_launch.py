@@ -82,7 +82,8 @@ def test_two_cpu_processes_split_data_and_stay_in_sync(tiny_model_dir, tmp_path)
 
 # Variables launch.sh reads that the caller's shell may hold; each test sets what it needs.
 LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "NUM_CPU_PROCESSES", "NUM_CPU_THREADS", "OMP_NUM_THREADS",
-              "MAIN_PORT", "MASTER_PORT", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDRESS", "ACCELERATE_CONFIG")
+              "MAIN_PORT", "MASTER_PORT", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDRESS", "ACCELERATE_CONFIG",
+              "LAUNCH_DRY_RUN", "INSTANTSTYLE_ERROR_FILE")
 
 
 def launch_env(**env: str) -> dict[str, str]:
@@ -91,7 +92,7 @@ def launch_env(**env: str) -> dict[str, str]:
 
 
 def run_launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "launch.sh"), *args], env=launch_env(LAUNCH_DRY_RUN="1", **env),
+    return subprocess.run(["bash", str(REPO / "launch.sh"), *args], env=launch_env(**{"LAUNCH_DRY_RUN": "1", **env}),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -117,14 +118,14 @@ def port_of(command: str) -> int:
 
 
 def test_launch_sh_single_machine_commands():
-    assert dry_run(["trainer.max_steps=3"], NUM_GPUS="0") == (
-        "accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
+    assert dry_run(["trainer.max_steps=3"], NUM_GPUS="0", NUM_CPU_THREADS="1") == (
+        "accelerate launch --quiet --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
         "--num_cpu_threads_per_process 1 "
         "-m train trainer.max_steps=3")
     assert dry_run(["a=b"], NUM_GPUS="0", NUM_CPU_PROCESSES="2").startswith(
-        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2")
+        "ACCELERATE_USE_CPU=1 accelerate launch --quiet --multi_gpu --num_processes 2")
     gpu = dry_run(["x=y"], NUM_GPUS="8", ACCELERATE_CONFIG="fsdp")
-    assert "--config_file configs/accelerate/fsdp.yaml --num_processes 8 --num_machines 1 --machine_rank 0" in gpu
+    assert f"--config_file {REPO}/configs/accelerate/fsdp.yaml --num_processes 8 --num_machines 1 --machine_rank 0" in gpu
     assert "-m experiment=demo" not in dry_run([], NUM_GPUS="0") and "experiment=demo" in dry_run([], NUM_GPUS="0")
 
 
@@ -139,7 +140,7 @@ def test_launch_sh_reads_slurm(tmp_path):
 def test_launch_sh_rejects_unknown_accelerate_config():
     proc = run_launch(["x=y"], ACCELERATE_CONFIG="zero9")
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: ACCELERATE_CONFIG=zero9 — use ddp, fsdp, deepspeed_zero2 or a file")
+        "error: ACCELERATE_CONFIG=zero9 — use ddp, fsdp or a file")
 
 
 EIGHT_GPUS = "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n"
@@ -153,7 +154,7 @@ def test_launch_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path):
     # CUDA stops reading the list at the first invalid index.
     assert "--num_processes 2 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="0,1,-1,3")
     for hidden in ("", "-1", "NoDevFiles"):  # set but empty (or SLURM's marker) means no GPU at all
-        assert "launch --cpu --num_processes 1 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES=hidden)
+        assert "launch --quiet --cpu --num_processes 1 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES=hidden)
     assert "--num_processes 3 " in dry_run(["x=y"], PATH=path, CUDA_VISIBLE_DEVICES="0,1", NUM_GPUS="3")
 
 
@@ -198,20 +199,23 @@ def test_launch_sh_nodes_agree_on_the_port(tmp_path):
     assert port_of(dry_run(["x=y"], MASTER_PORT="31000", **manual)) == 31000
 
 
-def test_launch_sh_cpu_runs_use_one_thread_per_process_unless_told(tmp_path):
-    assert "--num_cpu_threads_per_process 1 " in dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_PROCESSES="2")
+def test_launch_sh_cpu_runs_use_the_librarys_thread_choice_unless_told(tmp_path):
+    from instantstyle.threads import default_threads
+
+    chosen = dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_PROCESSES="2").split("--num_cpu_threads_per_process ")[1]
+    assert int(chosen.split()[0]) in {default_threads(2), max(1, default_threads(2) - 1), default_threads(2) + 1}
     assert "--num_cpu_threads_per_process 2 " in dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_THREADS="2")
     assert "--num_cpu_threads_per_process 4 " in dry_run(["x=y"], NUM_GPUS="0", OMP_NUM_THREADS="4")
     assert "--num_cpu_threads_per_process" not in dry_run(["x=y"], NUM_GPUS="2")
     # The launcher itself (and the demo's other steps) run with the same thread count.
     seen = tmp_path / "seen"
     path = fake_bin(tmp_path, accelerate=f'#!/bin/sh\necho "$OMP_NUM_THREADS $*" > {seen}\n')
-    env = launch_env(NUM_GPUS="0", PATH=path)
+    env = launch_env(NUM_GPUS="0", PATH=path, OMP_NUM_THREADS="1")
     assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
-    assert seen.read_text().startswith("1 launch --cpu")
+    assert seen.read_text().startswith("1 launch --quiet --cpu")
     env["NUM_CPU_THREADS"] = "3"
     assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
-    assert seen.read_text().startswith("3 launch --cpu")
+    assert seen.read_text().startswith("3 launch --quiet --cpu")
 
 
 def signal_launch(tmp_path: Path, fake_accelerate: str, sig: signal.Signals) -> tuple[int, str]:
@@ -265,6 +269,75 @@ wait
 def test_launch_sh_returns_only_after_the_trainer_has_checkpointed(tmp_path):
     # The launcher's status (it died of the TERM), but only once the trainer has written its checkpoint.
     assert signal_launch(tmp_path, FAKE_SIMPLE_LAUNCHER, signal.SIGTERM) == (128 + signal.SIGTERM, "saved")
+
+
+@pytest.mark.parametrize("name", ["NUM_GPUS", "NUM_CPU_PROCESSES", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PORT",
+                                  "MASTER_PORT", "NUM_CPU_THREADS", "OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_NNODES"])
+def test_launch_sh_numbers_are_whole_numbers_and_never_run_as_code(tmp_path, name):
+    # bash arithmetic evaluates a variable's value: 'HOME[$(touch F)]' would run the command.
+    for value in ("HOME[$(touch F)]", "abc", "1.5", "-1", "1e3", "0x10"):
+        proc = subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], cwd=tmp_path, capture_output=True, text=True,
+                              env=launch_env(LAUNCH_DRY_RUN="1", **{name: value}), timeout=60)
+        assert proc.returncode == 2 and proc.stdout == "", (name, value, proc.stdout)
+        assert proc.stderr.startswith(f"error: {name}={value} — give a whole number"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NUM_MACHINES": "0"}, "error: NUM_MACHINES=0 — give a whole number ≥ 1"),
+    ({"NUM_CPU_PROCESSES": "0"}, "error: NUM_CPU_PROCESSES=0 — give a whole number ≥ 1"),
+    ({"MAIN_PORT": "70000"}, "error: MAIN_PORT=70000 — give a whole number from 1 to 65535"),
+    ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "error: MACHINE_RANK=2 — give a whole number from 0 to 1"),
+    ({"LAUNCH_DRY_RUN": "yes"}, "error: LAUNCH_DRY_RUN=yes — give 1 (print the command) or 0 (run)"),
+])
+def test_launch_sh_numbers_out_of_range_are_one_line(env, message):
+    proc = run_launch(["x=y"], **env)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
+
+
+def test_launch_sh_reads_leading_zeros_as_decimal():
+    assert "--num_processes 8 " in dry_run(["x=y"], NUM_GPUS="08")  # not an octal error
+
+
+def test_launch_sh_dry_run_zero_runs_in_the_callers_folder(tmp_path):
+    seen = tmp_path / "seen"
+    here = tmp_path / "here"
+    here.mkdir()
+    path = fake_bin(tmp_path, accelerate=f'#!/bin/sh\necho "$PWD $*" > {seen}\n')
+    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "data.shards=d/*.tar", "output_dir=runs/a"], cwd=here,
+                          env=launch_env(LAUNCH_DRY_RUN="0", NUM_GPUS="0", NUM_CPU_THREADS="1", PATH=path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # Ran (not printed), from the caller's folder, with the relative paths as typed.
+    assert seen.read_text().startswith(f"{here} launch --quiet --cpu") and proc.stdout == ""
+    assert seen.read_text().rstrip().endswith("-m train data.shards=d/*.tar output_dir=runs/a")
+
+
+NO_GPU_SMI = "#!/bin/sh\necho 'No devices were found'\nexit 6\n"
+
+
+@pytest.mark.parametrize("env, asked", [({"NUM_GPUS": "2"}, "NUM_GPUS=2"),
+                                        ({"CUDA_VISIBLE_DEVICES": "0,1"}, "CUDA_VISIBLE_DEVICES=0,1")])
+def test_launch_sh_asking_for_gpus_on_a_machine_without_says_so(tmp_path, env, asked):
+    path = fake_bin(tmp_path, **{"nvidia-smi": NO_GPU_SMI, "accelerate": "#!/bin/sh\nexit 0\n"})
+    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=launch_env(PATH=path, **env),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {asked}, but this machine has no GPU (nvidia-smi finds none); NUM_GPUS=0 trains on the CPU")
+    too_many = subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], capture_output=True, text=True, timeout=60,
+                              env=launch_env(PATH=fake_bin(tmp_path, **{"nvidia-smi": EIGHT_GPUS}), NUM_GPUS="9"))
+    assert too_many.stderr.strip() == "error: NUM_GPUS=9, but this machine has 8 GPU(s); use NUM_GPUS=8 or fewer"
+
+
+def test_launch_sh_config_error_ends_in_the_one_error_line(tmp_path):
+    """Through the real accelerate launcher: no CalledProcessError traceback, the trainer's line last, exit 2."""
+    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "data.shards=nope/*.tar", "output_dir=run"],
+                          cwd=tmp_path, env=launch_env(NUM_GPUS="0", NUM_CPU_THREADS="1", HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: data.shards='nope/*.tar' matched no shards — give a brace pattern, glob, list or URL")
 
 
 def test_sdxl_experiment_logs_offline_on_compute_nodes():

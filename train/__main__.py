@@ -7,6 +7,7 @@ mistake answer in about a second; torch and diffusers load when training starts.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -55,6 +56,17 @@ def precheck(argv: list[str]) -> None:
     check_sections(compose(argv))
 
 
+def report_error(err: Exception) -> None:
+    """The one ``error: ...`` line on stderr, or for launch.sh in its INSTANTSTYLE_ERROR_FILE (its last line)."""
+    line = f"error: {err}"
+    target = os.environ.get("INSTANTSTYLE_ERROR_FILE")
+    if target:  # launch.sh prints it after the launcher exits, so the launcher's noise does not bury it
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    else:
+        print(line, file=sys.stderr)
+
+
 def quiet_libraries() -> None:
     """Silence notices that every run would print and no user can act on (tested: a demo run prints no warning)."""
     # transformers: "`CLIPImageProcessor` requires torchvision … falling back to the PIL backend" (we use neither).
@@ -75,6 +87,12 @@ def main(cfg: DictConfig) -> None:
     if handed_over is not None:
         sys.exit(handed_over)
     quiet_libraries()
+    from instantstyle.threads import available_cpus, configure_cpu_threads
+
+    # Every rank on this machine and its data workers (at most one per CPU) compete for the cores.
+    workers = min(int(cfg.data.get("num_workers", 0)), available_cpus())
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (1 + workers)
+    logging.getLogger("train").info(configure_cpu_threads(processes))
     from train.checkpoint import CheckpointError
     from train.loop import NonFiniteLoss
     from train.training import train
@@ -82,7 +100,7 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except (ConfigError, CheckpointError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         sys.exit(2)
 
 
@@ -91,7 +109,7 @@ if __name__ == "__main__":
     try:
         precheck(sys.argv[1:])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         sys.exit(2)
     sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
     main()
