@@ -60,12 +60,14 @@ def is_remote(url: str) -> bool:
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Brace patterns, globs, lists, `pipe:` commands and URLs → an ordered list of shard URLs."""
+    """Brace patterns, globs, folders, lists, `pipe:` commands and URLs → an ordered list of shard URLs."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
         for url in braceexpand(str(item)):
             is_local = not url.startswith("pipe:") and "://" not in url
+            if is_local and os.path.isdir(os.path.expanduser(url)) and not url.endswith(".tar"):
+                url = os.path.join(url, "*.tar")  # a folder of shards means its shards (a "x.tar" folder is refused)
             if is_local and any(c in url for c in "*?["):
                 urls.extend(sorted(glob.glob(os.path.expanduser(url))))
             else:

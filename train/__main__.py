@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from train.cache_settings import cache_adapter_choice
 from train.config import CONFIG_DIR, ConfigError, check_sections, compose
 
 
@@ -42,18 +43,25 @@ def quote_shards(argv: list[str]) -> list[str]:
     return out
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str]) -> list[str]:
     """Compose the overrides first so a mistake is one line, before Hydra or torch get involved.
 
     Any flag (``--help``, ``--cfg job``, ``-m``, ``--info`` …) goes to Hydra untouched: those commands
-    print or sweep, and a sweep's comma lists are not single values.
+    print or sweep, and a sweep's comma lists are not single values. Returns the overrides the data
+    implies (a cache's adapter type), to be added as if typed.
     """
     if any(a.startswith("-") for a in argv):
         if any(a.startswith("output_dir=") for a in argv) and ("-m" in argv or "--multirun" in argv):
             raise ConfigError("output_dir= with -m would send every job to one folder; "
                               "set hydra.sweep.dir=DIR instead (job N trains in DIR/N)")
-        return
-    check_sections(compose(argv))
+        return []
+    cfg = compose(argv)
+    check_sections(cfg)
+    implied = cache_adapter_choice(argv, bool(cfg.data.cached), cfg.data.shards, str(cfg.adapter.type),
+                                   cfg.data.get("cache_dir"))
+    if implied:
+        print(f"data=cached: the cache was made for {implied[0]}, so training uses it")
+    return implied
 
 
 def report_error(err: Exception) -> None:
@@ -107,9 +115,9 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv[1:] = quote_shards(sys.argv[1:])
     try:
-        precheck(sys.argv[1:])
+        implied = precheck(sys.argv[1:])
     except ConfigError as err:
         report_error(err)
         sys.exit(2)
-    sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
+    sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:] + implied)
     main()

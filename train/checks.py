@@ -86,15 +86,13 @@ def check_optimizer(optim: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     """Typed data settings and the shard list; every local shard exists."""
-    from data_tools.shards import expand_shards, local_shard_problem
+    from data_tools.shards import local_shard_problem
+    from train.data_checks import check_buckets, expand_data_shards, log_bucket_histogram
 
     if OmegaConf.is_missing(data, "shards"):
         raise ConfigError(SHARDS_REQUIRED)
     typed = section(data, "data", DataConfig)
-    try:
-        urls = expand_shards(typed.shards)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    urls = expand_data_shards(typed.shards)
     problems = [p for p in map(local_shard_problem, urls) if p]
     if problems:
         raise ConfigError(f"data.shards: {problems[0]} ({len(problems)} of {len(urls)} shards unusable)")
@@ -106,6 +104,8 @@ def check_data(data: DictConfig) -> tuple[DataConfig, list[str]]:
     if typed.num_workers > cpus:  # more decoding processes than CPUs only adds contention (and torch's warning)
         log.info("data.num_workers=%d > %d CPUs here: using %d workers", typed.num_workers, cpus, cpus)
         typed.num_workers = cpus
+    if not typed.cached:  # a cache's buckets were chosen when it was made
+        log_bucket_histogram(check_buckets(typed), urls)
     return typed, urls
 
 

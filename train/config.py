@@ -18,6 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.cache_settings import register_cache_resolver
+
 
 def _config_dir() -> Path:
     """The Hydra configs: inside the package when installed from a wheel, else the checkout's configs/."""
@@ -326,6 +328,7 @@ class TrainConfig:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+register_cache_resolver()  # ${cache:...} in configs/data/cached.yaml
 GROUPS = {"model": ModelConfig, "adapter": AdapterConfig, "blocks": BlocksConfig, "data": DataConfig,
           "optim": OptimConfig, "logger": LoggerConfig, "trainer": TrainerConfig, "validation": ValidationConfig}
 

@@ -292,7 +292,7 @@ def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, 
         # Without counts the epoch cannot be cut into equal ranges: the old per-shard split.
         unknown = sum(c is None for c in counts)
         log.warning("%d of %d shard%s no sample counts (no manifest.json beside them): streams split by %s; "
-                    "write a manifest (python -m data_tools.make_shards does) for an even split",
+                    "write one for an even split: python -m data_tools.make_manifest DIR",
                     unknown, len(urls), " has" if len(urls) == 1 else "s have",
                     "shard" if len(urls) >= streams else "sample, every stream reading every shard")
     loader = TrainLoader(cfg, urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)

@@ -1,0 +1,129 @@
+"""The first day with your own data: presets at their own size, buckets said at start, caches that set their
+own sizes, shards from any tool, a folder where shards are asked for."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_tools import make_manifest
+from data_tools.shards import Manifest, Sample, ShardRecord, read_manifest, write_manifest, write_shard
+from tests.helpers import tiny_overrides
+from train.cache_settings import cache_adapter_choice
+from train.checks import check_data
+from train.config import ConfigError, DataConfig, compose, section
+
+
+@pytest.mark.parametrize("preset, resolution", [("tiny", 64), ("toy", 64), ("sd15", 512), ("sdxl", 1024)])
+def test_each_base_preset_trains_at_the_size_it_was_made_for(preset, resolution):
+    assert compose(["data.shards=x.tar", f"model={preset}"]).data.resolution == resolution
+    assert compose(["data.shards=x.tar", f"model={preset}", "data.resolution=128"]).data.resolution == 128
+
+
+def png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_shards(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    folder.mkdir(parents=True)
+    write_shard(folder / "00000.tar", [Sample(f"{i:04d}", {"png": png(*s), "txt": b"a cat"}) for i, s in enumerate(sizes)])
+    return folder
+
+
+def test_buckets_are_logged_at_start_with_where_the_images_fall(tmp_path, caplog):
+    folder = image_shards(tmp_path / "wide", [(512, 256)] * 3 + [(256, 256)])
+    data = compose([f"data.shards={folder}", "data.resolution=512", "data.buckets=sdxl", "data.num_workers=0"]).data
+    with caplog.at_level(logging.INFO, logger="train"):
+        check_data(data)
+    text = caplog.text
+    assert "11 buckets; the first 4 images of 00000.tar fall in:" in text
+    assert "768×320   (2.40): 3" in text and "512×512   (1.00): 1" in text
+
+
+def test_a_bucket_set_that_collapses_to_one_square_is_said_in_one_line(tmp_path, caplog):
+    folder = image_shards(tmp_path / "small", [(64, 32)])
+    data = compose([f"data.shards={folder}", "model=tiny", "data.buckets=sdxl", "data.num_workers=0"]).data
+    with caplog.at_level(logging.INFO, logger="train"):
+        check_data(data)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["data.buckets=sdxl at data.resolution=64 is the one bucket 64x64 (sides are multiples of 64): "
+                        "every image trains square, as with data.buckets=none; data.resolution=512 gives 11 buckets, "
+                        "1024 the published 41"]
+
+
+def fake_cache(folder: Path, **identity) -> Path:
+    """A folder whose manifest says what made the cache (the settings data=cached reads from it)."""
+    folder.mkdir(parents=True)
+    (folder / "00000.tar").write_bytes(b"")
+    made = {"format": "instantstyle-embedding-cache", "resolution": 512, "buckets": [[512, 512], [576, 448]],
+            "clip_image_size": 64, "adapter_type": "ip_adapter_plus", **identity}
+    write_manifest(folder, Manifest([ShardRecord("00000.tar", 1, 0)], complete=True, options={"cache": made}))
+    return folder
+
+
+def test_a_cached_run_takes_its_sizes_from_the_cache(tmp_path):
+    cache = fake_cache(tmp_path / "cache")
+    data = section(compose(["data=cached", f"data.shards={cache}"]).data, "data", DataConfig)
+    assert (data.resolution, data.buckets, data.clip_image_size) == (512, [[512, 512], [576, 448]], 64)
+    # also over the preset's own size (model=tiny says 64 px) ...
+    assert compose(["model=tiny", "data=cached", f"data.shards={cache}/*.tar"]).data.resolution == 512
+    # ... while a value typed on the command line stays, for check_cache to refuse in one line
+    assert compose(["data=cached", f"data.shards={cache}", "data.resolution=256"]).data.resolution == 256
+    unbucketed = fake_cache(tmp_path / "square", buckets=None)
+    assert compose(["data=cached", f"data.shards={unbucketed}"]).data.buckets == "none"
+
+
+def test_a_cached_run_picks_the_adapter_the_cache_was_made_for(tmp_path):
+    cache = str(fake_cache(tmp_path / "cache"))  # made for ip_adapter_plus
+    assert cache_adapter_choice(["data=cached", f"data.shards={cache}"], True, cache, "ip_adapter") == [
+        "adapter=ip_adapter_plus"]
+    for explicit in ("adapter=ip_adapter", "adapter.type=ip_adapter"):  # typed: check_cache refuses it instead
+        assert cache_adapter_choice([explicit], True, cache, "ip_adapter") == []
+    assert cache_adapter_choice([], False, cache, "ip_adapter") == []  # live data: nothing implied
+    assert cache_adapter_choice([], True, cache, "ip_adapter_plus") == []
+
+
+def test_a_folder_of_shards_is_accepted_as_data_shards(tmp_path, shards):
+    data, urls = check_data(compose([f"data.shards={shards}", "data.num_workers=0"]).data)
+    assert [Path(u).name for u in urls] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+
+
+def test_a_folder_of_images_is_answered_with_the_command_that_makes_shards(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(png(8, 8))
+    with pytest.raises(ConfigError) as err:
+        check_data(compose([f"data.shards={photos}"]).data)
+    assert str(err.value) == (f"data.shards={photos} holds images, not shards: python -m data_tools.make_shards "
+                              f"--input {photos} --out {photos}-shards (captions from each image's .txt), then "
+                              f"data.shards={photos}-shards")
+
+
+def test_make_manifest_counts_shards_any_tool_wrote(tmp_path, shards, capsys):
+    folder = tmp_path / "foreign"
+    shutil.copytree(shards, folder)
+    expected = {s.name: s.num_samples for s in read_manifest(folder).shards}
+    (folder / "manifest.json").unlink()  # shards from another tool come without one
+    assert make_manifest.main([str(folder)]) == 0
+    assert {s.name: s.num_samples for s in read_manifest(folder).shards} == expected
+    assert capsys.readouterr().out.strip() == f"wrote {folder.resolve()}/manifest.json: 32 samples in 4 shards"
+
+
+def test_make_manifest_refuses_a_damaged_shard_and_a_cache(tmp_path, shards, capsys):
+    folder = tmp_path / "damaged"
+    shutil.copytree(shards, folder)
+    data = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2])
+    assert make_manifest.main([f"{folder}/*.tar"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {folder}/00001.tar is damaged after "), errors
+    cache = fake_cache(tmp_path / "cache")
+    assert make_manifest.main([str(cache)]) == 2
+    assert "holds an embedding cache" in capsys.readouterr().err
