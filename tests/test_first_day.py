@@ -127,3 +127,48 @@ def test_make_manifest_refuses_a_damaged_shard_and_a_cache(tmp_path, shards, cap
     cache = fake_cache(tmp_path / "cache")
     assert make_manifest.main([str(cache)]) == 2
     assert "holds an embedding cache" in capsys.readouterr().err
+
+
+def test_the_run_log_holds_every_window_and_ends_with_the_export(tiny_model_dir, shards, tmp_path, monkeypatch,
+                                                                  caplog):
+    """Under a progress bar too (a terminal), whatever the logger: loss, grad norm, data wait, skips, ETA."""
+    from train.training import train
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    cfg = compose(tiny_overrides(tiny_model_dir, shards, tmp_path / "run", "trainer.max_steps=4",
+                                 "trainer.log_every=2", "trainer.checkpoint_every=0", "logger=none"))
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("train")]
+    windows = [line for line in lines if line.startswith("step ")]
+    assert [w.split(" loss ")[0] for w in windows] == ["step 2/4", "step 4/4"]
+    for window in windows:
+        assert " grad norm " in window and " samples/s, data wait " in window
+        assert "| skipped 0 samples, 0 steps | ETA " in window
+    assert windows[-1].endswith("ETA 0s")
+    assert lines[-1] == f"done: step 4, exported {tmp_path / 'run' / 'ip-adapter.safetensors'}"
+
+
+@pytest.mark.parametrize("seconds, text", [(4.4, "4s"), (253, "4m 13s"), (7500, "2h 05m")])
+def test_eta_reads_as_a_duration(seconds, text):
+    from train.loggers import format_duration
+
+    assert format_duration(seconds) == text
+
+
+def test_window_lines_stay_off_the_console_under_a_progress_bar():
+    from train.loggers import FILE_ONLY, keep_window_lines_off_console
+
+    console, file = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(console), logging.FileHandler("/dev/null")]
+    handlers[1].setStream(file)
+    root = logging.getLogger()
+    for h in handlers:
+        root.addHandler(h)
+    try:
+        keep_window_lines_off_console()
+        logging.getLogger("train.loop").warning("step 2/4 loss 0.1", extra={FILE_ONLY: True})
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+    assert console.getvalue() == "" and file.getvalue() == "step 2/4 loss 0.1\n"

@@ -130,3 +130,28 @@ def read_history(run_dir: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             by_step[record["step"]] = record  # a step logged again after a resume: the newer window wins
     return [by_step[step] for step in sorted(by_step)]
+
+
+FILE_ONLY = "file_only"  # a log record's extra flag: for the run log, not the console (a progress bar shows it)
+
+
+class _NotFileOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, FILE_ONLY, False)
+
+
+def keep_window_lines_off_console() -> None:
+    """Console handlers drop ``FILE_ONLY`` records, so the window lines go to train_rank0.log under a bar."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, _NotFileOnly) for f in handler.filters):
+            handler.addFilter(_NotFileOnly())
+
+
+def format_duration(seconds: float) -> str:
+    """'42s', '4m 13s', '2h 05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"

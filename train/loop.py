@@ -22,7 +22,7 @@ from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, captu
                               restore_rng, save_parts)
 from train.cached_validation import encoders_on
 from train.compiling import uncompiled
-from train.loggers import ThroughputMeter, append_history
+from train.loggers import FILE_ONLY, ThroughputMeter, append_history, format_duration, keep_window_lines_off_console
 from train.run import Run
 from train.sharding import ShardedAdaptedUNet, is_sharded
 
@@ -302,10 +302,22 @@ def log_metrics(run: Run, meter: ThroughputMeter, grad_norm: torch.Tensor, bar) 
     if acc.is_main_process:  # whatever the logger: train.sweep reads the curve from here
         append_history(run.run_dir, {"step": run.step, **metrics})
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
-    if bar.disable and acc.is_main_process:  # no bar in a redirected log: one line per window instead
-        log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", run.step, run.trainer.max_steps, loss,
-                 metrics["train/lr"], window["samples_per_s"])
+    if acc.is_main_process:  # the run log keeps every window, whatever the trackers; a shown bar keeps the console
+        log.info(window_line(run, metrics), extra={FILE_ONLY: not bar.disable})
     return metrics
+
+
+def window_line(run: Run, metrics: dict) -> str:
+    """'step 20/400 loss 0.1234 grad norm 0.51 lr 3.00e-03 | 75.2 samples/s, data wait 3% | skipped 0 samples,
+    0 steps | ETA 4m 13s': one logging window in the run log."""
+    t = run.trainer
+    skipped = sum(v for k, v in metrics.items() if k.startswith("data/skipped/"))
+    samples_per_step = t.batch_size * t.gradient_accumulation_steps * run.accelerator.num_processes
+    eta = (t.max_steps - run.step) * samples_per_step / max(metrics["perf/samples_per_s"], 1e-9)
+    return (f"step {run.step}/{t.max_steps} loss {metrics['train/loss']:.4f} grad norm {metrics['train/grad_norm']:.3g} "
+            f"lr {metrics['train/lr']:.2e} | {metrics['perf/samples_per_s']:.1f} samples/s, "
+            f"data wait {metrics['perf/data_wait_frac']:.0%} | skipped {skipped} samples, "
+            f"{metrics['train/skipped_nonfinite']} steps | ETA {format_duration(eta)}")
 
 
 def checkpoint_due(run: Run) -> bool:
@@ -329,6 +341,8 @@ def fit(run: Run, manager: CheckpointManager) -> dict:
     refs = run.settings.references if run.validation.enabled and generates else None
     # A bar redraws one line with \r: in a redirected log (sbatch, nohup, CI) that is one huge line.
     show_bar = acc.is_main_process and sys.stderr.isatty()
+    if show_bar:
+        keep_window_lines_off_console()
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", disable=not show_bar)
     start, first_step, metrics, preempted, nonfinite = time.perf_counter(), run.step, {}, False, 0
     run.summary.setdefault("skipped_nonfinite", 0)

@@ -299,4 +299,14 @@ def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, 
         (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        log.info(closing_line(run))
     return run
+
+
+def closing_line(run: Run) -> str:
+    """The run log's last line: what was exported, or where a stopped run resumes from."""
+    if run.summary.get("preempted"):
+        return (f"stopped at step {run.step}; checkpoint {run.run_dir / 'checkpoints'}; "
+                "run the same command again to resume")
+    return f"done: step {run.step}, exported {run.summary['export']}"
