@@ -121,7 +121,8 @@ def print_report(reports: list[ShardReport]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; exit status 1 when anything is bad."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_tools.check_shards",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("shards", help="shard directory, glob ('d/*.tar') or brace pattern ('d/{00000..00009}.tar')")
     parser.add_argument("--max-image-pixels", type=int, default=178956970, help="same guard as training")
     args = parser.parse_args(argv)

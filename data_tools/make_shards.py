@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -192,13 +193,27 @@ def _tar_size(sample: Sample) -> int:
     return sum(512 + -(-len(data) // 512) * 512 for data in sample.members.values())
 
 
+class MakeShardsError(ValueError):
+    """An --out folder these shards cannot go to; the message is one line."""
+
+
 def _resume(out: Path, options: dict) -> Manifest:
-    """The manifest's intact prefix of shards when the options match; a fresh manifest otherwise."""
+    """The manifest's intact prefix of shards when the options match; a fresh manifest otherwise.
+
+    The same input with images added or removed is rebuilt whole: records are sorted, so a new image may
+    land in any shard. Another input or other options are refused (the folder is someone else's shards).
+    """
     old = read_manifest(out)
     if old is None:
         return Manifest(options=options)
+    if {**old.options, "num_records": None} != {**options, "num_records": None}:
+        raise MakeShardsError(f"{out} holds shards made from other input or options — pick a new --out or delete it")
     if old.options != options:
-        raise SystemExit(f"{out} holds shards made from other input or options — pick a new --out or delete it")
+        print(f"the input now has {options['num_records']} records (was {old.options.get('num_records')}): "
+              f"rebuilding the shards in {out}")
+        for shard in old.shards:
+            (out / shard.name).unlink(missing_ok=True)  # a smaller rebuild must leave no stale shard behind
+        return Manifest(options=options)
     kept = []
     for shard in old.shards:
         path = out / shard.name
@@ -263,7 +278,8 @@ def _flush(out: Path, manifest: Manifest, samples: list[Sample], first: int, end
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: make shards, then list every skipped input."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_tools.make_shards",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="image folder, .jsonl, .csv or tutorial .json")
     parser.add_argument("--out", required=True, type=Path, help="folder for the shards and manifest.json")
     parser.add_argument("--image-root", type=Path, help="folder image paths are relative to (default: the input's folder)")
@@ -278,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-encoding processes")
     args = parser.parse_args(argv)
-    manifest = make_shards(args.input, args.out, image_root=args.image_root, image_column=args.image_column,
-                           caption_column=args.caption_column, limits=ShardLimits(args.samples_per_shard, args.max_shard_bytes),
-                           options=EncodeOptions(args.format, args.max_side, args.quality), workers=args.workers)
+    try:
+        manifest = make_shards(args.input, args.out, image_root=args.image_root, image_column=args.image_column,
+                               caption_column=args.caption_column,
+                               limits=ShardLimits(args.samples_per_shard, args.max_shard_bytes),
+                               options=EncodeOptions(args.format, args.max_side, args.quality), workers=args.workers)
+    except MakeShardsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for skip in manifest.skipped:
         print(f"skipped {skip['source']}: {skip['reason']}")
     shards = len(manifest.shards)

@@ -101,7 +101,8 @@ def save_tiny_flux(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_tools.make_tiny_flux",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the pipeline into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -202,7 +202,8 @@ def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_tools.make_tiny_model",
+                                     description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the pipeline into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_tools.precompute", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="diffusers base folder or hub id (what training's model.path names)")
     parser.add_argument("--image-encoder", default=None, help="REPO:SUBFOLDER or folder; default BASE/image_encoder")
     parser.add_argument("--shards", required=True, help="source image shards: glob, brace pattern or list")

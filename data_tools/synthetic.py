@@ -260,7 +260,8 @@ def write_synthetic_shards(out: str | Path, num: int, size: int = 128, seed: int
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse flags and write the shards."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_tools.synthetic",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     parser.add_argument("--num", type=int, required=True, help="number of samples")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")

@@ -37,7 +37,7 @@ def write_demo_assets(out: str | Path, num_styles: int = 3) -> tuple[Path, Path]
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_tools.toy_demo_assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--styles", type=int, default=3)
     args = parser.parse_args(argv)

@@ -306,7 +306,8 @@ def parse_settings(blocks: list[str] | None, scales: str, content_scales: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.evaluate``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m instantstyle.evaluate",
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--styles", required=True, help="folder of style reference images (+ optional .txt captions)")

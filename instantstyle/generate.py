@@ -96,7 +96,10 @@ class StyleGenerator:
 
         from .pipeline import load_pipeline, preflight
 
+        from .models import locate_base
+
         dtype = torch.float32 if dtype is None else dtype
+        base = locate_base(base)  # data_tools/toy_base from any folder, as model=toy in training
         preflight(base, adapter, blocks)  # one-line errors before gigabytes are loaded
         pipe = load_pipeline(base, image_encoder=image_encoder, dtype=dtype, device=device, controlnet=controlnet)
         return cls.from_pipeline(pipe, adapter, blocks=blocks)
@@ -251,7 +254,8 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.generate``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m instantstyle.generate",
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True, help="SDXL folder or model id")
     p.add_argument("--adapter", required=True, help="ip-adapter.safetensors exported by this project")
     p.add_argument("--style-image", required=True)
@@ -290,8 +294,11 @@ def check_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES or out.is_dir():
         raise GenerationError(f"--out {out} must be an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    if not out.parent.is_dir():
-        raise GenerationError(f"--out folder {out.parent} does not exist; create it first")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder is made before writing; the nearest existing part must be one
+    if not existing.is_dir():
+        raise GenerationError(f"--out {out}: {existing} is a file, so no folder can be made under it")
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -317,6 +324,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         control_image=args.control_image, control_scale=args.control_scale,
     )
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out, len(images))
     if len(images) > 1:
         make_grid(images, rows=len(args.prompt), cols=args.num_images).save(out)

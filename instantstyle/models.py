@@ -62,6 +62,22 @@ def model_family(unet: UNet2DConditionModel) -> str:
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
+# The installed packages' root (the repository, or site-packages): the committed toy base is data_tools/toy_base there.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def locate_base(path: str) -> str:
+    """``path`` when it exists where you stand (or is a hub id); else that relative path under the installed packages.
+
+    So ``data_tools/toy_base`` names the committed toy base from any folder, for every command.
+    """
+    here = Path(path).expanduser()
+    if here.exists() or here.is_absolute():
+        return str(here)
+    packaged = PACKAGE_ROOT / path
+    return str(packaged) if packaged.exists() else path
+
+
 def looks_local(path: str) -> bool:
     """True for a folder path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x``), False for a hub id ``org/name``."""
     first = path.split("/")[0]
@@ -131,6 +147,7 @@ def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype
     ``encoders=False`` (training from an embedding cache) loads the weights of the UNet and the
     scheduler only; the VAE, text and image encoders are config-only ``meta`` modules.
     """
+    path = locate_base(path)
     if looks_local(path) and not Path(path).is_dir():
         raise BaseModelError(f"{path}: no such folder")  # not a hub id: don't ask the hub
     unet = _load(UNet2DConditionModel, path, "unet", dtype)

@@ -191,7 +191,8 @@ def write_probe(report: dict, samples: list[dict], refs: Sequence[StyleReference
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m instantstyle.probe_blocks``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m instantstyle.probe_blocks",
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True, help="an adapter trained with blocks=all")
     p.add_argument("--styles", required=True, help="folder of style images (+ .txt content captions)")

@@ -172,3 +172,15 @@ def test_window_lines_stay_off_the_console_under_a_progress_bar():
         for h in handlers:
             root.removeHandler(h)
     assert console.getvalue() == "" and file.getvalue() == "step 2/4 loss 0.1\n"
+
+
+@pytest.mark.parametrize("module", ["instantstyle.generate", "instantstyle.evaluate", "instantstyle.probe_blocks",
+                                    "data_tools.synthetic", "data_tools.make_shards", "data_tools.check_shards",
+                                    "data_tools.make_manifest", "data_tools.precompute", "data_tools.make_tiny_model",
+                                    "train.export", "train.sweep"])
+def test_help_names_the_command_to_type(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")

@@ -168,3 +168,22 @@ def test_cli_writes_grid_and_images(files, tiny_model_dir, capsys):
     first = Image.open(files["tmp"] / "out_0.png")
     assert grid.size == (128, 64) and first.size == (64, 64)
     assert (as_uint8([grid.crop((0, 0, 64, 64))]) == as_uint8([first])).all()
+
+
+def test_cli_creates_the_folder_of_out(files, tiny_model_dir):
+    out = files["tmp"] / "new" / "sub" / "out.png"
+    assert main(cli(files, tiny_model_dir, **{"--out": str(out)})) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_the_toy_base_is_found_from_any_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from instantstyle.models import locate_base
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert locate_base("data_tools/toy_base") == str(repo / "data_tools" / "toy_base")  # as model=toy finds it
+    (tmp_path / "data_tools" / "toy_base").mkdir(parents=True)
+    assert locate_base("data_tools/toy_base") == "data_tools/toy_base"  # a folder where you stand wins
+    assert locate_base("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"

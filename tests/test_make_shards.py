@@ -158,8 +158,31 @@ def test_resume_skips_finished_shards(images, tmp_path, monkeypatch):
     written.clear()
     ms.make_shards(images, out, limits=ms.ShardLimits(samples_per_shard=1))
     assert written == []  # complete: nothing redone
-    with pytest.raises(SystemExit, match="other input or options"):
+    with pytest.raises(ms.MakeShardsError, match="other input or options"):
         ms.make_shards(images, out, limits=ms.ShardLimits(samples_per_shard=2))
+
+
+def test_a_rerun_after_images_were_added_or_removed_rebuilds_the_shards(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--input", str(images), "--out", str(out), "--samples-per-shard", "1", "--workers", "1"]
+    assert ms.main(args) == 0 and read_manifest(out).num_samples == 4
+    Image.new("RGB", (40, 30), "red").save(images / "aaa_new.png")  # sorts first: every shard moves
+    (images / "aaa_new.txt").write_text("a red square")
+    assert ms.main(args) == 0
+    assert read_manifest(out).num_samples == 5 and len(list(out.glob("*.tar"))) == 5
+    for name in ("aaa_new.png", "a.jpg"):
+        (images / name).unlink(missing_ok=True)
+    assert ms.main(args) == 0
+    assert read_manifest(out).num_samples == len(list(out.glob("*.tar"))) == 3  # no stale shard left behind
+    assert "rebuilding the shards" in capsys.readouterr().out
+
+
+def test_another_input_into_the_same_out_is_one_error_line(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert ms.main(["--input", str(images), "--out", str(out), "--workers", "1"]) == 0
+    assert ms.main(["--input", str(images), "--out", str(out), "--workers", "1", "--samples-per-shard", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {out} holds shards made from other input or options — pick a new --out or delete it")
 
 
 def test_max_shard_bytes_limits_shard_size(images, tmp_path):

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from instantstyle.adapter import AdapterSpec, InstantStyleAdapter, install_adapter
 from instantstyle.export import load_adapter
-from instantstyle.models import BaseModel, load_base, looks_local
+from instantstyle.models import PACKAGE_ROOT, BaseModel, load_base, locate_base, looks_local
 from train.config import ConfigError
-
-# Where the packages live: the repository (editable install) or site-packages, with data_tools/toy_base.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
 
 def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
     """``model.path`` as given when it exists here or is a hub id; else a relative path from the package root.
@@ -22,14 +17,10 @@ def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
     So ``model=toy`` (``data_tools/toy_base``, committed) works from any folder. A missing local-looking
     path is one line, never a hub request.
     """
-    if Path(path).expanduser().exists():
-        return os.path.expanduser(path)
-    packaged = PACKAGE_ROOT / path
-    if not Path(path).is_absolute() and packaged.exists():
-        return str(packaged)
-    if must_exist and looks_local(path):
+    found = locate_base(path)
+    if must_exist and looks_local(path) and not Path(found).exists():
         raise ConfigError(f"model.path={path}: no such folder (looked here and in {PACKAGE_ROOT})")
-    return path  # a hub id, or the tiny base to build here
+    return found  # a folder, a hub id, or the tiny base to build there
 
 
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,

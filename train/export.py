@@ -159,7 +159,8 @@ def rebuild_adapter(identity: dict, weights: dict, base_path: str, name: str):
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.export",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/checkpoint-00001000")
     parser.add_argument("--out", required=True, help="export folder, or FILE.safetensors (card and record go beside it)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the exported weights")
