@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from .baselines import metric_baselines
 from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .grid import make_grid
@@ -212,6 +213,8 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
             samples += generate_setting(generator, refs, setting, config, progress)
     score_samples(samples, refs, embedder, encoders)
     report = build_report(samples, settings, config, refs, meta or {})
+    report["baselines"] = metric_baselines(samples, [r.name for r in refs],
+                                           lambda rows: score_samples(rows, refs, embedder, encoders))
     if out_dir is not None:
         write_report(report, samples, refs, config, Path(out_dir))
     return report
@@ -257,6 +260,10 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {s['name']} | {blocks} | {s['scale']:g} | {s['content_scale']:g} | "
                      f"{fmt(m['style_similarity'])} | {fmt(m['text_alignment'])} | {fmt(m['content_leakage'])} "
                      f"|{extra} {s['num_samples']} |")
+    for name, m in report.get("baselines", {}).items():  # next to the scores: what no style transfer gives
+        extra = "".join(f" {fmt(m.get(n))} |" for n in optional)
+        lines.append(f"| baseline: {name} | – | – | – | {fmt(m['style_similarity'])} | {fmt(m['text_alignment'])} "
+                     f"| {fmt(m['content_leakage'])} |{extra} – |")
     return "\n".join(lines) + "\n"
 
 

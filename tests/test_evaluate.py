@@ -102,7 +102,9 @@ def test_report_metrics_equal_hand_cosines(setup):
     assert plain["mean"]["text_alignment"] == pytest.approx(
         np.mean([s["text_alignment"] for s in plain["samples"]]))
     table = (out / "metrics.md").read_text().strip().splitlines()
-    assert len(table) == 4 and table[2].startswith("| plain |") and "| 4 |" in table[3]
+    assert len(table) == 6 and table[2].startswith("| plain |") and "| 4 |" in table[3]
+    assert table[4].startswith("| baseline: noise images | – | – | – |")
+    assert table[5].startswith("| baseline: another style's reference | – | – | – |")
     grid = Image.open(out / "grid.png")
     # columns: reference + 2 prompts; rows: 2 settings x 2 styles; plus the header row and the label column
     assert grid.width > 3 * 32 and grid.height > 4 * 32
@@ -173,3 +175,25 @@ def test_cli_errors_are_one_line(setup, tiny_model_dir, capsys, override, needle
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and needle in lines[-1]
     assert not any("Traceback" in line for line in lines)
+
+
+def test_each_metric_has_its_baselines_beside_it(setup):
+    """Noise scored like the images, and each image against the reference it was not made from."""
+    from instantstyle.baselines import noise_image
+
+    refs = load_references(setup["styles"], setup["tmp"] / "captions.json")
+    config = EvalConfig(["a red circle", "a cat"], seeds=[0], steps=1)
+    report = evaluate_settings(setup["generator"], refs, [EvalSetting("plain")], config, None, ColourEmbedder())
+    samples = report["settings"][0]["samples"]
+    noise = report["baselines"]["noise images"]
+    colours = ColourEmbedder().embed_images([noise_image((64, 64), i) for i in range(len(samples))])
+    target = {"a": ColourEmbedder().embed_images([refs[0].image])[0], "b": [200, 30, 30]}
+    expected = np.mean([hand_cosine(c, target[s["style"]]) for c, s in zip(colours, samples)])
+    assert noise["style_similarity"] == pytest.approx(expected, abs=1e-6)
+    other = report["baselines"]["another style's reference"]
+    swapped = np.mean([s["style_similarity"] for s in samples])  # two styles: each one's samples against the other
+    assert other["text_alignment"] is None and other["style_similarity"] != pytest.approx(swapped)
+    images = [setup["generator"].generate(r.image, config.prompts, seed=0, steps=1) for r in refs]
+    by_other = [hand_cosine(c, target["b" if r.name == "a" else "a"])
+                for r, row in zip(refs, images) for c in ColourEmbedder().embed_images(row)]
+    assert other["style_similarity"] == pytest.approx(np.mean(by_other), abs=1e-6)

@@ -78,7 +78,9 @@ def test_csd_and_dino_flags_add_hand_checkable_metrics(cli, capsys):
     assert [s["dino_content_leakage"] for s in samples] == pytest.approx(hand_cosines(gen_tokens, ref_tokens), abs=1e-5)
     mean = report["settings"][0]["mean"]
     assert mean["dino_content_leakage"] == pytest.approx(np.mean([s["dino_content_leakage"] for s in samples]))
-    header, rule, row = (cli.tmp / "report" / "metrics.md").read_text().splitlines()
+    header, rule, row, *baselines = (cli.tmp / "report" / "metrics.md").read_text().splitlines()
+    assert [b.split(" |")[0] for b in baselines] == ["| baseline: noise images", "| baseline: another style's reference"]
+    assert all(b.count("|") == header.count("|") for b in baselines)
     assert "| CSD style ↑ | DINO leakage ↓ | n |" in header and rule.count("|") == header.count("|")
     assert f"{mean['csd_style_similarity']:.4f}" in row and row.count("|") == header.count("|")
 
