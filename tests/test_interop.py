@@ -1,7 +1,11 @@
-"""Our generation equals stock diffusers' ``load_ip_adapter`` + ``set_ip_adapter_scale`` on our export."""
+"""Our generation equals stock diffusers' ``load_ip_adapter`` + ``set_ip_adapter_scale`` on our export; our
+shards and caches read with the ``webdataset`` package, and shards its ShardWriter writes train."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -163,3 +167,88 @@ def test_plus_adapter_matches_stock_and_refuses_content(tiny_model_dir, tmp_path
     assert abs(ours - plain_images(tiny_model_dir)).mean() > 1.0
     with pytest.raises(GenerationError, match="ip_adapter_plus, which works on hidden states"):
         generator.generate(image, PROMPT, content_prompt="noise", steps=STEPS)
+
+
+# --- data interop with the webdataset package (a test dependency): both directions -------------------------
+
+def test_webdataset_reads_our_shards(shards):
+    import webdataset as wds
+
+    from data_tools.shards import decode_caption, decode_meta, image_member, iter_samples, open_image, open_shard
+
+    ours = {}
+    for shard in sorted(Path(shards).glob("*.tar")):
+        with open_shard(str(shard)) as stream:
+            for raw in iter_samples(stream, str(shard)):
+                ours[raw.key] = (open_image(image_member(raw.members), 10**8).convert("RGB"),
+                                 decode_caption(raw.members), decode_meta(raw.members))
+    theirs = list(wds.WebDataset(sorted(str(p) for p in Path(shards).glob("*.tar")), shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in theirs] == list(ours) and len(theirs) == 32
+    for sample in theirs:
+        image, caption, meta = ours[sample["__key__"]]
+        picture = next(sample[ext] for ext in ("jpg", "png", "webp") if ext in sample)
+        assert (np.asarray(picture.convert("RGB")) == np.asarray(image)).all()
+        assert sample["txt"] == caption and sample["json"] == meta
+
+
+def test_webdataset_reads_our_embedding_cache(tiny_model_dir, shards, tmp_path):
+    import webdataset as wds
+    from safetensors.torch import load as load_tensors
+
+    from data_tools import precompute
+    from data_tools.embedding_cache import decode_sample
+    from data_tools.shards import iter_samples, open_shard
+
+    cache = tmp_path / "cache"
+    assert precompute.main(["--base", tiny_model_dir, "--shards", f"{shards}/00000.tar", "--out", str(cache),
+                            "--resolution", "64", "--batch-size", "4"]) == 0
+    with open_shard(str(cache / "00000.tar")) as stream:
+        ours = {raw.key: decode_sample(raw.members) for raw in iter_samples(stream, "00000.tar")}
+    theirs = list(wds.WebDataset(str(cache / "00000.tar"), shardshuffle=False).decode())
+    assert [s["__key__"] for s in theirs] == list(ours) and len(theirs) == 8
+    for sample in theirs:
+        tensors, meta = ours[sample["__key__"]]
+        loaded = load_tensors(sample["safetensors"])  # bytes: webdataset leaves unknown members alone
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+        assert sample["json"] == meta and sample["txt"] == meta["caption"]
+
+
+def write_with_shardwriter(folder: Path, count: int = 12, per_shard: int = 5) -> list[str]:
+    """Shards as webdataset.ShardWriter writes them in img2dataset's layout (jpg, txt, json); their keys."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    folder.mkdir()
+    keys = []
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(count):
+            buf = io.BytesIO()
+            Image.new("RGB", (64 + 8 * (i % 3), 64), (20 * i, 100, 200 - 10 * i)).save(buf, "JPEG")
+            key = f"{i:09d}"
+            sink.write({"__key__": key, "jpg": buf.getvalue(), "txt": f"a shape number {i}",
+                        "json": {"key": key, "width": 64 + 8 * (i % 3), "height": 64}})
+            keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_shards_written_by_webdataset_shardwriter_train(tiny_model_dir, tmp_path, manifest):
+    from data_tools import make_manifest
+    from data_tools.shards import read_manifest
+    from tests.helpers import tiny_overrides
+    from train.config import compose
+    from train.training import train
+
+    keys = write_with_shardwriter(tmp_path / "foreign")
+    assert sorted(p.name for p in (tmp_path / "foreign").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    if manifest:
+        assert make_manifest.main([str(tmp_path / "foreign")]) == 0
+        assert [s.num_samples for s in read_manifest(tmp_path / "foreign").shards] == [5, 5, 2]
+    cfg = compose(tiny_overrides(tiny_model_dir, str(tmp_path / "foreign"), tmp_path / "run", "trainer.max_steps=3",
+                                 "trainer.checkpoint_every=0", "trainer.record_sample_keys=true"))
+    run = train(cfg)
+    seen = [line.split()[1] for line in (tmp_path / "run" / "sample_keys" / "rank0.txt").read_text().splitlines()]
+    assert len(seen) == 6 and set(seen) <= set(keys) and len(set(seen)) == 6
+    assert run.summary["step"] == 3 and (tmp_path / "run" / "ip-adapter.safetensors").is_file()
