@@ -184,3 +184,18 @@ def test_help_names_the_command_to_type(module, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(module).main(["--help"])
     assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_style_references_alone_sample_images_with_each_checkpoint_and_at_the_end():
+    from types import SimpleNamespace
+
+    from train.config import TrainerConfig, ValidationConfig
+    from train.loop import validation_due
+
+    def due(validation: ValidationConfig) -> list[int]:
+        trainer = TrainerConfig(checkpoint_every=5, max_steps=12)
+        return [s for s in range(1, 13) if validation_due(SimpleNamespace(validation=validation, trainer=trainer, step=s))]
+
+    assert due(ValidationConfig(styles="styles/", prompts=["a cat"])) == [5, 10, 12]  # no validation.every needed
+    assert due(ValidationConfig(styles="styles/", prompts=["a cat"], every=4)) == [4, 8, 12]
+    assert due(ValidationConfig()) == []  # no references: nothing to sample

@@ -285,7 +285,7 @@ class ValidationConfig:
 
     styles: Optional[str] = None     # folder of style images (+ a .txt content caption beside each); null = off
     prompts: Any = None              # text file (one prompt per line) or a list, e.g. ["a cat", "a house"]
-    every: int = 0                   # steps between evaluations; 0 = off
+    every: int = 0                   # steps between evaluations; 0 = with each checkpoint and at the end
     steps: int = 20                  # denoising steps per image
     seeds: List[int] = field(default_factory=lambda: [0])  # one image per style × prompt × seed
     content_scale: float = 0.0       # λ of content subtraction (needs the captions and adapter=ip_adapter)
@@ -297,7 +297,7 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (self.height, self.width))
         require([
-            (self.every >= 0, f"validation.every must be ≥ 0 (0 = off), got {self.every}"),
+            (self.every >= 0, f"validation.every must be ≥ 0 (0 = with each checkpoint), got {self.every}"),
             (self.steps >= 1, f"validation.steps must be ≥ 1 (denoising steps), got {self.steps}"),
             (len(self.seeds) > 0, f"validation.seeds must be a list of integers, e.g. [0, 1] (got {list(self.seeds)})"),
             (sizes_ok, f"validation.height/width must be positive multiples of 8, or null (got {self.height}x{self.width})"),
@@ -307,8 +307,8 @@ class ValidationConfig:
 
     @property
     def enabled(self) -> bool:
-        """True when the loop should evaluate."""
-        return self.styles is not None and self.every > 0
+        """True when the loop should evaluate: style references given (samples by default, as peers do)."""
+        return self.styles is not None
 
 
 @dataclass

@@ -216,9 +216,10 @@ def report_validation(run: Run, means: dict[str, float | None]) -> None:
 
 
 def validation_due(run: Run) -> bool:
-    """Every ``validation.every`` steps and at the last step."""
+    """Every ``validation.every`` steps (0: with each checkpoint) and at the last step."""
     v = run.validation
-    return v.enabled and (run.step % v.every == 0 or run.step == run.trainer.max_steps)
+    every = v.every or run.trainer.checkpoint_every
+    return v.enabled and (run.step == run.trainer.max_steps or bool(every and run.step % every == 0))
 
 
 class NonFiniteLoss(RuntimeError):
