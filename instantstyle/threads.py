@@ -28,13 +28,27 @@ def choose_threads(cpus: int, load: float, processes: int = 1) -> int:
     return max(1, min(idle, cpus) // max(1, processes))
 
 
-def default_threads(processes: int = 1) -> int:
-    """``choose_threads`` for this machine now."""
+def busy_cores() -> float:
+    """Cores other processes keep busy: the 1-minute load, or the processes runnable right now when more.
+
+    The load average lags about a minute behind jobs that just started; /proc/loadavg's running count
+    (minus this process) sees them at once.
+    """
     try:
         load = os.getloadavg()[0]
     except OSError:  # no load average on this platform: assume the machine is busy
-        load = float(available_cpus())
-    return choose_threads(available_cpus(), load, processes)
+        return float(available_cpus())
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        running = 0
+    return max(load, float(running))
+
+
+def default_threads(processes: int = 1) -> int:
+    """``choose_threads`` for this machine now."""
+    return choose_threads(available_cpus(), busy_cores(), processes)
 
 
 def explicit_threads() -> int | None:
