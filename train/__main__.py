@@ -86,6 +86,16 @@ def quiet_libraries() -> None:
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
 
 
+def set_cpu_threads(cfg: DictConfig) -> None:
+    """The library's CPU thread choice (instantstyle.threads), said as the run log's first line."""
+    from instantstyle.threads import available_cpus, configure_cpu_threads
+
+    # Every rank on this machine and its data workers (at most one per CPU) compete for the cores.
+    workers = min(int(cfg.data.get("num_workers", 0)), available_cpus())
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (1 + workers)
+    logging.getLogger("train").info(configure_cpu_threads(processes))
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra's entry: train as ``cfg`` says; a mistake the user can fix is one line and exit 2."""
@@ -95,12 +105,7 @@ def main(cfg: DictConfig) -> None:
     if handed_over is not None:
         sys.exit(handed_over)
     quiet_libraries()
-    from instantstyle.threads import available_cpus, configure_cpu_threads
-
-    # Every rank on this machine and its data workers (at most one per CPU) compete for the cores.
-    workers = min(int(cfg.data.get("num_workers", 0)), available_cpus())
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (1 + workers)
-    logging.getLogger("train").info(configure_cpu_threads(processes))
+    set_cpu_threads(cfg)
     from train.checkpoint import CheckpointError
     from train.loop import NonFiniteLoss
     from train.training import train
