@@ -37,7 +37,7 @@ check_number() {
 }
 
 for var in SLURM_JOB_ID SLURM_NODEID SLURM_STEP_NUM_TASKS SLURM_NTASKS SLURM_NTASKS_PER_NODE; do check_number "$var" 0; done
-for var in SLURM_NNODES SLURM_STEP_NUM_NODES NUM_MACHINES NUM_CPU_PROCESSES NUM_CPU_THREADS OMP_NUM_THREADS; do
+for var in SLURM_NNODES SLURM_STEP_NUM_NODES NUM_MACHINES NUM_CPU_PROCESSES NUM_CPU_THREADS; do
   check_number "$var" 1
 done
 check_number NUM_GPUS 0
@@ -130,7 +130,8 @@ set_accelerate_args() {
     # accelerate gives a lone --cpu process every core as threads; with busy cores that costs more than it gains
     # (2-core machine shared with other jobs: 69-79 samples/s with 1 thread, 5.4-5.8 with 2). The library's
     # choice (the idle cores shared by the processes) is the one python -m train makes by itself.
-    local threads=${NUM_CPU_THREADS:-${OMP_NUM_THREADS:-$(python -m instantstyle.threads --processes "$procs")}}
+    [[ -z "${NUM_CPU_THREADS:-}" ]] && check_number OMP_NUM_THREADS 1  # only read here (OpenMP also takes lists)
+    local threads=${NUM_CPU_THREADS:-${OMP_NUM_THREADS:-$(python -m instantstyle.threads --processes "$procs" || echo 1)}}
     export OMP_NUM_THREADS=$threads  # also for the launcher and the demo's other steps
     if (( procs > 1 )); then
       # accelerate's --cpu multi-processes only through MPI; torchrun + gloo needs ACCELERATE_USE_CPU instead.

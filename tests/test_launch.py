@@ -277,7 +277,7 @@ def test_launch_sh_numbers_are_whole_numbers_and_never_run_as_code(tmp_path, nam
     # bash arithmetic evaluates a variable's value: 'HOME[$(touch F)]' would run the command.
     for value in ("HOME[$(touch F)]", "abc", "1.5", "-1", "1e3", "0x10"):
         proc = subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], cwd=tmp_path, capture_output=True, text=True,
-                              env=launch_env(LAUNCH_DRY_RUN="1", **{name: value}), timeout=60)
+                              env=launch_env(LAUNCH_DRY_RUN="1", **{"NUM_GPUS": "0", name: value}), timeout=60)
         assert proc.returncode == 2 and proc.stdout == "", (name, value, proc.stdout)
         assert proc.stderr.startswith(f"error: {name}={value} — give a whole number"), proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
@@ -293,6 +293,13 @@ def test_launch_sh_numbers_are_whole_numbers_and_never_run_as_code(tmp_path, nam
 def test_launch_sh_numbers_out_of_range_are_one_line(env, message):
     proc = run_launch(["x=y"], **env)
     assert proc.returncode == 2 and proc.stderr.strip() == message
+
+
+def test_launch_sh_leaves_omp_num_threads_alone_where_it_does_not_read_it():
+    # OpenMP also takes lists ("4,2"); launch.sh reads OMP_NUM_THREADS only as the CPU thread default.
+    assert "--num_cpu_threads_per_process 2 " in dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_THREADS="2",
+                                                         OMP_NUM_THREADS="4,2")
+    assert "--config_file" in dry_run(["x=y"], NUM_GPUS="8", OMP_NUM_THREADS="4,2")
 
 
 def test_launch_sh_reads_leading_zeros_as_decimal():
