@@ -85,8 +85,9 @@ def test_csd_and_dino_flags_add_hand_checkable_metrics(cli, capsys):
     assert f"{mean['csd_style_similarity']:.4f}" in row and row.count("|") == header.count("|")
 
 
-def test_without_flags_the_report_keeps_todays_metrics(cli):
+def test_without_flags_the_report_keeps_todays_metrics(cli, capsys):
     assert evaluate.main(cli.args) == 0
+    assert capsys.readouterr().out.startswith("device: ")  # the CPU thread choice, or the GPU, first
     report = json.loads((cli.tmp / "report" / "metrics.json").read_text())
     setting = report["settings"][0]
     assert set(setting["mean"]) == {"style_similarity", "text_alignment", "content_leakage"}

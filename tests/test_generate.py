@@ -170,10 +170,11 @@ def test_cli_writes_grid_and_images(files, tiny_model_dir, capsys):
     assert (as_uint8([grid.crop((0, 0, 64, 64))]) == as_uint8([first])).all()
 
 
-def test_cli_creates_the_folder_of_out(files, tiny_model_dir):
+def test_cli_creates_the_folder_of_out_and_first_says_its_device(files, tiny_model_dir, capsys):
     out = files["tmp"] / "new" / "sub" / "out.png"
-    assert main(cli(files, tiny_model_dir, **{"--out": str(out)})) == 0
+    assert main(cli(files, tiny_model_dir, **{"--out": str(out), "--device": "cpu"})) == 0
     assert Image.open(out).size == (64, 64)
+    assert capsys.readouterr().out.startswith("device: cpu, ")  # with its torch thread count
 
 
 def test_the_toy_base_is_found_from_any_folder(tmp_path, monkeypatch):
