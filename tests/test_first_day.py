@@ -199,3 +199,25 @@ def test_style_references_alone_sample_images_with_each_checkpoint_and_at_the_en
     assert due(ValidationConfig(styles="styles/", prompts=["a cat"])) == [5, 10, 12]  # no validation.every needed
     assert due(ValidationConfig(styles="styles/", prompts=["a cat"], every=4)) == [4, 8, 12]
     assert due(ValidationConfig()) == []  # no references: nothing to sample
+
+
+def test_a_toy_cache_trains_from_any_folder(tmp_path, monkeypatch):
+    """model=toy names data_tools/toy_base relative to the package; the cache recorded where it resolved."""
+    from data_tools.embedding_cache import cache_identity, source_id
+    from instantstyle.models import locate_base
+    from train.checks import check_config
+    from train.config import CLIP_MEAN, CLIP_STD
+
+    toy = locate_base("data_tools/toy_base")
+    made = cache_identity(base_model=source_id(toy), image_encoder=source_id(f"{toy}:image_encoder"),
+                          adapter_type="ip_adapter", resolution=64, buckets=None, clip_image_size=64,
+                          clip_mean=CLIP_MEAN, clip_std=CLIP_STD, dtype="fp32", encode_batch_size=2,
+                          scaling_factor=0.13025)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "00000.tar").write_bytes(b"")
+    write_manifest(cache, Manifest([ShardRecord("00000.tar", 1, 0)], complete=True, options={"cache": made}))
+    monkeypatch.chdir(tmp_path)  # not the repository: data_tools/toy_base is not here
+    settings = check_config(compose(["model=toy", "data=cached", "data.shards=cache", f"output_dir={tmp_path}/run",
+                                     "data.num_workers=0"]))
+    assert (settings.data.resolution, settings.data.clip_image_size) == (64, 64)

@@ -264,8 +264,11 @@ def check_config(cfg: DictConfig) -> Settings:
     if data.cached:  # the embedding cache must fit the model family, base, adapter and data config
         from train.cached_data import check_cache
 
-        check_cache(data, urls, model_path=str(cfg.model.path), image_encoder=cfg.model.get("image_encoder"),
-                    adapter_type=adapter_type, family=family)
+        from instantstyle.models import locate_base
+
+        # The base as it resolves (model=toy from any folder), as precompute recorded it.
+        check_cache(data, urls, model_path=locate_base(str(cfg.model.path)),
+                    image_encoder=cfg.model.get("image_encoder"), adapter_type=adapter_type, family=family)
     init_from = cfg.adapter.get("init_from")
     if init_from and not glob.glob(str(init_from)):
         raise ConfigError(f"adapter.init_from={init_from}: file not found")
