@@ -90,6 +90,15 @@ def test_a_cached_run_picks_the_adapter_the_cache_was_made_for(tmp_path):
     assert cache_adapter_choice([], True, cache, "ip_adapter_plus") == []
 
 
+def test_python_m_train_adds_the_caches_adapter_choice(tmp_path, capsys):
+    from train.__main__ import precheck
+
+    cache = fake_cache(tmp_path / "cache")  # made for ip_adapter_plus
+    assert precheck(["data=cached", f"data.shards={cache}"]) == ["adapter=ip_adapter_plus"]
+    assert capsys.readouterr().out == "data=cached: the cache was made for adapter=ip_adapter_plus, so training uses it\n"
+    assert precheck(["data=cached", f"data.shards={cache}", "adapter=ip_adapter"]) == []
+
+
 def test_a_folder_of_shards_is_accepted_as_data_shards(tmp_path, shards):
     data, urls = check_data(compose([f"data.shards={shards}", "data.num_workers=0"]).data)
     assert [Path(u).name for u in urls] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
