@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .baselines import metric_baselines
+from .baselines import NOISE, metric_baselines
 from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .grid import make_grid
@@ -213,8 +213,11 @@ def evaluate_settings(generator: StyleGenerator, refs: Sequence[StyleReference],
             samples += generate_setting(generator, refs, setting, config, progress)
     score_samples(samples, refs, embedder, encoders)
     report = build_report(samples, settings, config, refs, meta or {})
-    report["baselines"] = metric_baselines(samples, [r.name for r in refs],
-                                           lambda rows: score_samples(rows, refs, embedder, encoders))
+    by_kind = metric_baselines(samples, [r.name for r in refs],
+                               lambda rows: score_samples(rows, refs, embedder, encoders))
+    # baselines: metric -> the noise images' score (every metric has one; train.sweep shows it beside the score)
+    report["baselines"] = {k: v for k, v in by_kind[NOISE].items() if v is not None}
+    report["baselines_by_kind"] = by_kind
     if out_dir is not None:
         write_report(report, samples, refs, config, Path(out_dir))
     return report
@@ -260,7 +263,7 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {s['name']} | {blocks} | {s['scale']:g} | {s['content_scale']:g} | "
                      f"{fmt(m['style_similarity'])} | {fmt(m['text_alignment'])} | {fmt(m['content_leakage'])} "
                      f"|{extra} {s['num_samples']} |")
-    for name, m in report.get("baselines", {}).items():  # next to the scores: what no style transfer gives
+    for name, m in report.get("baselines_by_kind", {}).items():  # next to the scores: what no style transfer gives
         extra = "".join(f" {fmt(m.get(n))} |" for n in optional)
         lines.append(f"| baseline: {name} | – | – | – | {fmt(m['style_similarity'])} | {fmt(m['text_alignment'])} "
                      f"| {fmt(m['content_leakage'])} |{extra} – |")

@@ -185,12 +185,13 @@ def test_each_metric_has_its_baselines_beside_it(setup):
     config = EvalConfig(["a red circle", "a cat"], seeds=[0], steps=1)
     report = evaluate_settings(setup["generator"], refs, [EvalSetting("plain")], config, None, ColourEmbedder())
     samples = report["settings"][0]["samples"]
-    noise = report["baselines"]["noise images"]
+    noise = report["baselines_by_kind"]["noise images"]
+    assert report["baselines"] == {k: v for k, v in noise.items() if v is not None}  # metric -> floor, for sweeps
     colours = ColourEmbedder().embed_images([noise_image((64, 64), i) for i in range(len(samples))])
     target = {"a": ColourEmbedder().embed_images([refs[0].image])[0], "b": [200, 30, 30]}
     expected = np.mean([hand_cosine(c, target[s["style"]]) for c, s in zip(colours, samples)])
     assert noise["style_similarity"] == pytest.approx(expected, abs=1e-6)
-    other = report["baselines"]["another style's reference"]
+    other = report["baselines_by_kind"]["another style's reference"]
     swapped = np.mean([s["style_similarity"] for s in samples])  # two styles: each one's samples against the other
     assert other["text_alignment"] is None and other["style_similarity"] != pytest.approx(swapped)
     images = [setup["generator"].generate(r.image, config.prompts, seed=0, steps=1) for r in refs]
