@@ -210,23 +210,21 @@ def test_style_references_alone_sample_images_with_each_checkpoint_and_at_the_en
     assert due(ValidationConfig()) == []  # no references: nothing to sample
 
 
-def test_a_toy_cache_trains_from_any_folder(tmp_path, monkeypatch):
-    """model=toy names data_tools/toy_base relative to the package; the cache recorded where it resolved."""
-    from data_tools.embedding_cache import cache_identity, source_id
+def test_a_toy_cache_is_checked_against_the_toy_base_from_any_folder(tmp_path, monkeypatch):
+    """model=toy names data_tools/toy_base relative to the package; precompute recorded where it resolved."""
+    import train.cached_data
     from instantstyle.models import locate_base
     from train.checks import check_config
-    from train.config import CLIP_MEAN, CLIP_STD
 
-    toy = locate_base("data_tools/toy_base")
-    made = cache_identity(base_model=source_id(toy), image_encoder=source_id(f"{toy}:image_encoder"),
-                          adapter_type="ip_adapter", resolution=64, buckets=None, clip_image_size=64,
-                          clip_mean=CLIP_MEAN, clip_std=CLIP_STD, dtype="fp32", encode_batch_size=2,
-                          scaling_factor=0.13025)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "00000.tar").write_bytes(b"")
-    write_manifest(cache, Manifest([ShardRecord("00000.tar", 1, 0)], complete=True, options={"cache": made}))
+    cache = fake_cache(tmp_path / "cache", resolution=64, buckets=None, adapter_type="ip_adapter")
+    seen = {}
+
+    def fake_check_cache(data, urls, *, model_path, image_encoder, adapter_type):
+        seen["model_path"] = model_path
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(train.cached_data, "check_cache", fake_check_cache)
     monkeypatch.chdir(tmp_path)  # not the repository: data_tools/toy_base is not here
-    settings = check_config(compose(["model=toy", "data=cached", "data.shards=cache", f"output_dir={tmp_path}/run",
-                                     "data.num_workers=0"]))
-    assert (settings.data.resolution, settings.data.clip_image_size) == (64, 64)
+    with pytest.raises(ConfigError, match="stop here"):
+        check_config(compose(["model=toy", "data=cached", f"data.shards={cache}", f"output_dir={tmp_path}/run"]))
+    assert seen["model_path"] == locate_base("data_tools/toy_base") and Path(seen["model_path"]).is_absolute()

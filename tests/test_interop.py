@@ -196,14 +196,15 @@ def test_webdataset_reads_our_embedding_cache(tiny_model_dir, shards, tmp_path):
     from safetensors.torch import load as load_tensors
 
     from data_tools import precompute
-    from data_tools.embedding_cache import decode_sample
+    from data_tools.embedding_cache import decode_sample, load_spec
     from data_tools.shards import iter_samples, open_shard
 
     cache = tmp_path / "cache"
     assert precompute.main(["--base", tiny_model_dir, "--shards", f"{shards}/00000.tar", "--out", str(cache),
                             "--resolution", "64", "--batch-size", "4"]) == 0
     with open_shard(str(cache / "00000.tar")) as stream:
-        ours = {raw.key: decode_sample(raw.members) for raw in iter_samples(stream, "00000.tar")}
+        spec = load_spec(cache)
+        ours = {raw.key: decode_sample(raw.members, spec) for raw in iter_samples(stream, "00000.tar")}
     theirs = list(wds.WebDataset(str(cache / "00000.tar"), shardshuffle=False).decode())
     assert [s["__key__"] for s in theirs] == list(ours) and len(theirs) == 8
     for sample in theirs:
