@@ -219,7 +219,7 @@ def test_a_toy_cache_is_checked_against_the_toy_base_from_any_folder(tmp_path, m
     cache = fake_cache(tmp_path / "cache", resolution=64, buckets=None, adapter_type="ip_adapter")
     seen = {}
 
-    def fake_check_cache(data, urls, *, model_path, image_encoder, adapter_type):
+    def fake_check_cache(data, urls, *, model_path, **_identity):
         seen["model_path"] = model_path
         raise ConfigError("stop here")
 

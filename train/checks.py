@@ -262,9 +262,8 @@ def check_config(cfg: DictConfig) -> Settings:
     check_resume(cfg.resume, str(cfg.output_dir))
     family, blocks = check_family_model(cfg, trainer, validation, data)
     if data.cached:  # the embedding cache must fit the model family, base, adapter and data config
-        from train.cached_data import check_cache
-
         from instantstyle.models import locate_base
+        from train.cached_data import check_cache
 
         # The base as it resolves (model=toy from any folder), as precompute recorded it.
         check_cache(data, urls, model_path=locate_base(str(cfg.model.path)),
