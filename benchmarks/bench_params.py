@@ -2,6 +2,7 @@
 
 Builds the public SDXL (or SD 1.5) UNet and OpenCLIP image-encoder configs, or the
 FLUX.1-dev transformer config, on the ``meta`` device: exact shapes, no weights, no download.
+The counting lives in ``instantstyle.model_sizes`` (``python -m instantstyle.plan_memory`` uses it too).
 
     python -m benchmarks.bench_params [--model sdxl|sd15|flux]
 """
@@ -10,59 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from instantstyle.adapter import AdapterSpec, install_adapter
-from instantstyle.blocks import preset_blocks
-from instantstyle.flux import FluxAdapterSpec, install_flux_adapter
-from instantstyle.reference_configs import build_flux_transformer, build_image_encoder, build_unet
+from instantstyle.model_sizes import (BYTES_PER_PARAM, FLUX_CHOICES, count_flux_trainable, count_trainable,
+                                      flux_frozen_bytes)
 
-MODELS = {"sdxl": ("sdxl_unet", "openclip_bigg_vision"), "sd15": ("sd15_unet", "openclip_vith_vision")}
-# FLUX block choices: one double block, every double block, and every block. The last is
-# hypothetical: diffusers' FLUX IP-Adapter format has branches on double blocks only.
-FLUX_CHOICES = ("one_double", "all_double", "all_blocks")
-# Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer states.
-BYTES_PER_PARAM = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
-
-
-def count_trainable(model: str, preset: str, adapter_type: str) -> dict[str, int]:
-    """Parameter counts of the projection and of the image branches for one preset."""
-    unet_name, encoder_name = MODELS[model]
-    unet = build_unet(unet_name)
-    encoder = build_image_encoder(encoder_name).config
-    plus = adapter_type == "ip_adapter_plus"
-    spec = AdapterSpec(adapter_type, _blocks(preset, model),
-                       encoder.hidden_size if plus else encoder.projection_dim, 16 if plus else 4)
-    adapter = install_adapter(unet, spec)
-    projection = sum(p.numel() for p in adapter.image_proj.parameters())
-    branches = sum(p.numel() for p in adapter.layers.parameters())
-    return {"layers": len(adapter.layer_names), "projection": projection, "branches": branches,
-            "total": projection + branches}
-
-
-def _blocks(preset: str, model: str):
-    return tuple(preset_blocks(preset, model))
+MODELS = ("sdxl", "sd15")
 
 
 def _fmt(n: float) -> str:
     return f"{n / 1e6:,.1f}M"
-
-
-def count_flux_trainable(choice: str) -> dict[str, int]:
-    """Parameter counts of a FLUX.1-dev IP-Adapter (CLIP ViT-L/14 embeddings, 4 tokens) per block choice."""
-    transformer = build_flux_transformer()
-    config = transformer.config
-    adapter = install_flux_adapter(transformer, FluxAdapterSpec(double_blocks=None))
-    per_block = sum(p.numel() for p in adapter.layers[0].parameters())
-    # Single-stream blocks have the same width, so a branch there would cost the same.
-    layers = {"one_double": 1, "all_double": config.num_layers,
-              "all_blocks": config.num_layers + config.num_single_layers}[choice]
-    projection = sum(p.numel() for p in adapter.image_proj.parameters())
-    return {"layers": layers, "projection": projection, "branches": layers * per_block,
-            "total": projection + layers * per_block}
-
-
-def flux_frozen_bytes(dtype_bytes: int = 2) -> int:
-    """Size of the frozen FLUX.1-dev transformer's weights (bf16 by default)."""
-    return sum(p.numel() for p in build_flux_transformer().parameters()) * dtype_bytes
 
 
 def _print_row(label: str, kind: str, c: dict[str, int]) -> None:

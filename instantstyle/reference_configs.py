@@ -12,10 +12,11 @@ from importlib import resources
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
-from transformers import CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection, T5Config, T5EncoderModel
 
 NAMES = ("sdxl_unet", "sd15_unet", "sdxl_vae", "sdxl_text_encoder", "sdxl_text_encoder_2",
-         "openclip_bigg_vision", "openclip_vith_vision", "flux_transformer")
+         "openclip_bigg_vision", "openclip_vith_vision", "flux_transformer", "flux_vae", "t5_xxl_encoder",
+         "clip_vit_large_vision")
 
 
 def load_reference_config(name: str) -> dict:
@@ -60,3 +61,10 @@ def build_text_encoder(name: str = "sdxl_text_encoder", device: str | torch.devi
     cls = CLIPTextModelWithProjection if raw["architectures"][0].endswith("Projection") else CLIPTextModel
     with torch.device(device):
         return cls(config)
+
+
+def build_t5_encoder(name: str = "t5_xxl_encoder", device: str | torch.device = "meta") -> T5EncoderModel:
+    """A randomly initialised (or meta) T5 encoder (FLUX.1's ``text_encoder_2``)."""
+    config = {k: v for k, v in load_reference_config(name).items() if k not in ("architectures", "model_type")}
+    with torch.device(device):
+        return T5EncoderModel(T5Config(**config))

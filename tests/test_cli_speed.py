@@ -24,7 +24,7 @@ print("HEAVY:" + ",".join(m for m in {heavy!r} if m in sys.modules))
 
 
 @pytest.mark.parametrize("module", ["instantstyle.generate", "instantstyle.evaluate", "instantstyle.probe_blocks",
-                                    "train.export"])
+                                    "train.export", "instantstyle.plan_memory"])
 def test_help_imports_no_ml_library(module):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(module=module, heavy=HEAVY)], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
