@@ -72,13 +72,15 @@ class _SavedTensors:
         self.outer: dict[int, int] = {}
         self.largest_unit = 0
         self.checkpointing = False
+        self.alive: list[torch.Tensor] = []  # every counted tensor, so no storage address is reused while counting
 
     def _record(self, into: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
             if storage._cdata not in self.exclude:
                 into[storage._cdata] = storage.nbytes()
-            return tensor  # kept alive by the graph, so a storage address is never reused while counting
+                self.alive.append(tensor)
+            return tensor
         return pack
 
     def unit(self, module: nn.Module, *args) -> object:

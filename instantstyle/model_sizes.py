@@ -24,9 +24,9 @@ from .reference_configs import (build_flux_transformer, build_image_encoder, bui
 NAMED_BASES = ("sdxl", "sd15", "flux")
 # Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer states.
 BYTES_PER_PARAM = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}
-# Bytes per weight of a quantized nn.Linear: int8 and fp8 store one byte plus a per-row scale (negligible);
-# NF4 stores half a byte plus one fp32 absmax per block of 64 weights.
-QUANTIZED_BYTES = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 4 / 64}
+# Bytes per weight of a quantized nn.Linear (instantstyle.quantize): int8 and fp8 store one byte plus a
+# per-row scale (negligible); NF4 half a byte plus an int8 scale per block of 64 (double quantization).
+QUANTIZED_BYTES = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 1 / 64}
 # FLUX block choices of bench_params: one double block, every double block, and every block. The last is
 # hypothetical: diffusers' FLUX IP-Adapter format has branches on double blocks only.
 FLUX_CHOICES = ("one_double", "all_double", "all_blocks")
@@ -114,9 +114,12 @@ def parameter_count(module: nn.Module, *, trainable: bool | None = None) -> int:
 
 
 def weight_bytes(module: nn.Module, dtype_bytes: float, quantize: str = "none") -> float:
-    """Bytes of ``module``'s frozen weights; with ``quantize``, every nn.Linear weight at its quantized size."""
+    """Bytes of ``module``'s frozen weights; with ``quantize``, each linear weight ``model.quantize`` quantizes
+    at its quantized size."""
+    from .quantize import quantizable_linears
+
     per_linear = QUANTIZED_BYTES.get(quantize, dtype_bytes)
-    linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    linear = {id(layer.weight) for _, layer in quantizable_linears(module)}
     return sum(p.numel() * (per_linear if id(p) in linear else dtype_bytes)
                for p in module.parameters() if not p.requires_grad)
 

@@ -110,9 +110,10 @@ def test_quantizing_shrinks_only_linear_weights_by_their_byte_ratio():
     assert QUANTIZE == ("none", *QUANTIZED_BYTES)
     unet = meta_base("sdxl").denoiser
     linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    kept = sum(m.weight.numel() for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v")))
     bf16 = weight_bytes(unet, 2)
-    assert bf16 - weight_bytes(unet, 2, "int8") == linear * 1
-    assert bf16 - weight_bytes(unet, 2, "nf4") == pytest.approx(linear * (2 - 0.5625))
+    assert bf16 - weight_bytes(unet, 2, "int8") == (linear - kept) * 1
+    assert bf16 - weight_bytes(unet, 2, "nf4") == pytest.approx((linear - kept) * (2 - 0.5 - 1 / 64))
 
 
 def test_each_memory_option_shrinks_the_part_it_is_for(tiny_flux_dir):

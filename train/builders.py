@@ -25,19 +25,29 @@ def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
 
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
                build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None) -> BaseModel:
+               device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None,
+               quantize: str = "none") -> BaseModel:
     """Load the frozen base (the ``model`` group's builder); the tiny base is made on first use.
 
     ``encoders=False``: UNet and scheduler weights only (training from an embedding cache). ``hub_id`` is
-    only recorded by exports (train/record.py).
+    only recorded by exports (train/record.py). ``quantize``: the UNet's linear weights in int8, fp8 or
+    NF4 (``instantstyle.quantize``).
     """
+    from instantstyle.quantize import QuantizationError, quantize_frozen, require_quantization
+
+    try:
+        require_quantization(quantize, device, dtype)
+    except QuantizationError as err:
+        raise ConfigError(str(err)) from None
     path = resolve_model_path(path, must_exist=not build_if_missing)
     if build_if_missing and not Path(path, "unet").is_dir():
         from data_tools.make_tiny_model import save_tiny_model
 
         save_tiny_model(path)
-    return load_base(path, image_encoder=image_encoder, dtype=dtype, device=device,
+    base = load_base(path, image_encoder=image_encoder, dtype=dtype, device=device,
                      check_content=check_content_space, encoders=encoders)
+    quantize_frozen(base.unet, quantize)
+    return base
 
 
 def adapter_spec(base: BaseModel, *, type: str, num_tokens: int, resampler_dim: int,

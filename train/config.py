@@ -33,6 +33,7 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 ADAPTER_TYPES = ("ip_adapter", "ip_adapter_plus")
 LOGGERS = ("none", "tensorboard", "wandb")
+QUANTIZE = ("none", "int8", "fp8", "nf4")  # instantstyle.quantize.METHODS (this module imports no torch)
 WANDB_MODES = ("online", "offline", "disabled")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation (the image processors' default)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,6 +62,10 @@ class ModelConfig:
     hub_id: Optional[str] = None        # the Hub id exports record when path is a local copy of a Hub model
     check_content_space: bool = True    # image and text embeddings must share one space (content subtraction)
     build_if_missing: bool = False      # make the tiny random base at PATH on first use
+    quantize: str = "none"              # none | int8 | fp8 | nf4: the frozen UNet / FLUX transformer + T5 (torchao)
+
+    def __post_init__(self) -> None:
+        require([(self.quantize in QUANTIZE, f"model.quantize={self.quantize!r} — valid: {', '.join(QUANTIZE)}")])
 
 
 @dataclass

@@ -28,19 +28,30 @@ def is_flux(model_cfg: Any) -> bool:
 
 def build_flux_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = False,
                     build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None):
+                    device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None,
+                    quantize: str = "none"):
     """Load the frozen FLUX base (the ``model`` group's builder); the tiny FLUX base is made on first use.
 
-    ``hub_id`` is only recorded by exports (train/record.py).
+    ``hub_id`` is only recorded by exports (train/record.py). ``quantize``: the transformer's and T5's
+    linear weights in int8, fp8 or NF4 (``instantstyle.quantize``).
     """
     from instantstyle.flux_models import load_flux_base
+    from instantstyle.quantize import QuantizationError, quantize_frozen, require_quantization
 
     del check_content_space  # FLUX has no shared text-image space; check_flux_config refuses true
+    try:
+        require_quantization(quantize, device, dtype)
+    except QuantizationError as err:
+        raise ConfigError(str(err)) from None
     if build_if_missing and not Path(path, "transformer").is_dir():
         from data_tools.make_tiny_flux import save_tiny_flux
 
         save_tiny_flux(path)
-    return load_flux_base(path, image_encoder=image_encoder, dtype=dtype, device=device, encoders=encoders)
+    base = load_flux_base(path, image_encoder=image_encoder, dtype=dtype, device=device, encoders=encoders)
+    quantize_frozen(base.transformer, quantize)
+    if encoders:  # T5-XXL is the other 9 GiB; from an embedding cache it is a config-only meta module
+        quantize_frozen(base.pipe.text_encoder_2, quantize)
+    return base
 
 
 def flux_target_blocks(blocks: Any) -> list[str]:

@@ -73,6 +73,12 @@ def shard_frozen_unet(unet: nn.Module, adapter: nn.Module, device: torch.device,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from instantstyle.quantize import is_quantized
+    from train.config import ConfigError
+
+    if is_quantized(unet):  # FSDP would have to all-gather torchao's tensor subclasses, which is not tested
+        raise ConfigError("model.quantize cannot be combined with FSDP yet: use ACCELERATE_CONFIG=ddp "
+                          "(quantized bases are small enough to replicate) or model.quantize=none")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     keep = set(adapter.parameters())
     for param in adapter.parameters():  # same seed on every rank already; make it certain, as DDP does
