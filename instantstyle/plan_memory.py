@@ -208,8 +208,9 @@ def encoder_largest_tensor(base: MetaBase, options: PlanOptions) -> int:
 
 def not_in_trainer(family: str, options: PlanOptions) -> list[str]:
     """The planned options ``python -m train`` does not offer for this family (the plan is then a forecast)."""
-    missing = [(family == "flux" and options.shard_gpus > 1, "--shard-gpus for FLUX (FSDP shards the SDXL UNet only)"),
-               (family == "flux" and options.cached, "--cached for FLUX (data=cached holds SDXL encoder outputs)")]
+    missing = [(family == "flux" and options.cached, "--cached for FLUX (data=cached holds SDXL encoder outputs)"),
+               (options.quantize != "none" and options.shard_gpus > 1,
+                "--quantize with --shard-gpus (FSDP refuses a quantized base)")]
     return [text for absent, text in missing if absent]
 
 

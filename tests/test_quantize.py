@@ -160,3 +160,17 @@ def test_a_quantization_this_machine_cannot_run_is_refused_in_one_line(flux_dir,
         build_flux_base(flux_dir, quantize="fp8")
     assert str(err.value) == ("model.quantize=fp8 does not run on cpu in torch.float32 here (no fp8 kernel for this "
                               "CPU); choose another method or none")
+
+
+@needs_torchao
+def test_fsdp_with_a_quantized_base_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from train.sharding import shard_frozen_base
+
+    transformer = build_tiny_flux_transformer().requires_grad_(False)
+    quantize_frozen(transformer, "int8")
+    adapter = install_flux_adapter(transformer, FluxAdapterSpec((1,), image_embed_dim=32))
+    with pytest.raises(ConfigError, match=r"^model.quantize cannot be combined with FSDP yet: use ACCELERATE_CONFIG=ddp"):
+        shard_frozen_base(SimpleNamespace(family="flux", transformer=transformer), adapter, torch.device("cpu"),
+                          torch.autocast)

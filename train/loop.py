@@ -24,7 +24,7 @@ from train.cached_validation import encoders_on
 from train.compiling import uncompiled
 from train.loggers import FILE_ONLY, ThroughputMeter, append_history, format_duration, keep_window_lines_off_console
 from train.run import Run
-from train.sharding import ShardedAdaptedUNet, is_sharded
+from train.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[torch.Tensor,
             accelerator.backward(loss)
         losses.append(loss.detach())
     # accumulate() has synced gradients on the last micro-batch (a sharded model averages its own).
-    if isinstance(run.model, ShardedAdaptedUNet):
+    if is_sharded(run.model):
         run.model.average_gradients()
     max_norm = run.trainer.max_grad_norm or float("inf")
     grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.adapter.parameters(), max_norm))

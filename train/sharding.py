@@ -1,15 +1,16 @@
-"""FSDP as this trainer uses it: the frozen UNet sharded over the ranks, the small adapter whole on every rank.
+"""FSDP as this trainer uses it: the frozen UNet (or FLUX transformer) sharded over the ranks, the adapter whole.
 
 ``ACCELERATE_CONFIG=fsdp`` selects it. What fills a GPU is the frozen base (SDXL's UNet alone is
-4.8 GiB in bf16); the adapter is tens of MB. So the UNet's blocks are sharded with FSDP2
-``fully_shard`` (each block is gathered for its forward and backward, then freed again), and the
+4.8 GiB in bf16, FLUX.1's transformer 22.2 GiB); the adapter is much smaller. So the UNet's
+down/mid/up blocks, or FLUX's double- and single-stream blocks, are sharded with FSDP2 ``fully_shard``
+(each block is gathered for its forward and backward, then freed again), and the
 adapter's parameters are left out of the sharding (``ignored_params``): they, their gradients
 (averaged over the ranks exactly as DDP averages them), the optimizer state, EMA, checkpoints and
 exports stay as in data parallelism. Checkpoints need no gathering, hold no pickle, and resume bitwise.
 
 Accelerate's own FSDP would shard the adapter and its optimizer state too (nothing to gain at this
 size, and checkpoints that must be gathered), so the trainer takes the choice over: Accelerate runs
-data parallel underneath (optimizer, loss scaling, autocast) and this module shards the UNet.
+data parallel underneath (optimizer, loss scaling, autocast) and this module shards the frozen network.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.compiling import unet_blocks
+from train.flux_task import AdaptedFluxTransformer
 from train.task import AdaptedUNet
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,16 @@ def take_over_sharding() -> str | None:
     return chosen
 
 
-class ShardedAdaptedUNet(AdaptedUNet):
-    """``AdaptedUNet`` whose frozen UNet is sharded; runs under the training autocast, averages adapter gradients."""
+class ShardedDenoiser:
+    """Mixin of a denoiser + adapter whose frozen network is sharded: runs under the training autocast,
+    averages the adapter's gradients over the ranks."""
 
-    def __init__(self, unet: nn.Module, adapter: nn.Module, autocast: Callable[[], AbstractContextManager]) -> None:
-        super().__init__(unet, adapter)
-        self.autocast = autocast  # Accelerate wraps a prepared model's forward in it; this model is not prepared
+    autocast: Callable[[], AbstractContextManager]  # Accelerate wraps a prepared model's forward in it; this is not prepared
+
+    @property
+    def frozen(self) -> nn.Module:
+        """The sharded frozen network (UNet or FLUX transformer)."""
+        raise NotImplementedError
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         with self.autocast():
@@ -67,26 +73,70 @@ class ShardedAdaptedUNet(AdaptedUNet):
             grad.copy_(part.view_as(grad))
 
 
-def shard_frozen_unet(unet: nn.Module, adapter: nn.Module, device: torch.device,
-                      autocast: Callable[[], AbstractContextManager]) -> ShardedAdaptedUNet:
-    """Shard every down/mid/up block of ``unet`` and the rest of it; the adapter stays whole and in sync."""
+class ShardedAdaptedUNet(ShardedDenoiser, AdaptedUNet):
+    """``AdaptedUNet`` whose frozen UNet is sharded."""
+
+    def __init__(self, unet: nn.Module, adapter: nn.Module, autocast: Callable[[], AbstractContextManager]) -> None:
+        AdaptedUNet.__init__(self, unet, adapter)
+        self.autocast = autocast
+
+    @property
+    def frozen(self) -> nn.Module:
+        return self.unet
+
+
+class ShardedAdaptedFluxTransformer(ShardedDenoiser, AdaptedFluxTransformer):
+    """``AdaptedFluxTransformer`` whose frozen FLUX transformer is sharded."""
+
+    def __init__(self, transformer: nn.Module, adapter: nn.Module,
+                 autocast: Callable[[], AbstractContextManager]) -> None:
+        AdaptedFluxTransformer.__init__(self, transformer, adapter)
+        self.autocast = autocast
+
+    @property
+    def frozen(self) -> nn.Module:
+        return self.transformer
+
+
+def _shard_blocks(network: nn.Module, blocks: list[nn.Module], adapter: nn.Module, device: torch.device) -> None:
+    """One FSDP2 unit per block, then the rest of ``network``; the adapter's parameters stay whole and in sync."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from instantstyle.quantize import is_quantized
     from train.config import ConfigError
 
-    if is_quantized(unet):  # FSDP would have to all-gather torchao's tensor subclasses, which is not tested
+    if is_quantized(network):  # FSDP would have to all-gather torchao's tensor subclasses, which is not tested
         raise ConfigError("model.quantize cannot be combined with FSDP yet: use ACCELERATE_CONFIG=ddp "
                           "(quantized bases are small enough to replicate) or model.quantize=none")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     keep = set(adapter.parameters())
     for param in adapter.parameters():  # same seed on every rank already; make it certain, as DDP does
         dist.broadcast(param.data, src=0)
-    blocks = unet_blocks(unet)
-    for block in blocks:  # one unit per block: at most one block's weights are gathered at a time
+    for block in blocks:  # at most one block's weights are gathered at a time
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
-    fully_shard(unet, mesh=mesh, ignored_params=keep & set(unet.parameters()))
+    fully_shard(network, mesh=mesh, ignored_params=keep & set(network.parameters()))
+
+
+def shard_frozen_base(base, adapter: nn.Module, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager]) -> ShardedDenoiser:
+    """The base's denoiser sharded (SDXL UNet or FLUX transformer), with the adapter, as one module."""
+    if base.family != "flux":
+        return shard_frozen_unet(base.unet, adapter, device, autocast)
+    transformer = base.transformer
+    # A branch lives in its double block's attention processor: ignored_params keeps it out of the shards.
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    _shard_blocks(transformer, blocks, adapter, device)
+    log.info("FSDP: frozen FLUX transformer sharded over %d ranks in %d blocks; adapter replicated",
+             dist.get_world_size(), len(blocks))
+    return ShardedAdaptedFluxTransformer(transformer, adapter, autocast)
+
+
+def shard_frozen_unet(unet: nn.Module, adapter: nn.Module, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager]) -> ShardedAdaptedUNet:
+    """Shard every down/mid/up block of ``unet`` and the rest of it; the adapter stays whole and in sync."""
+    blocks = unet_blocks(unet)
+    _shard_blocks(unet, blocks, adapter, device)
     log.info("FSDP: frozen UNet sharded over %d ranks in %d blocks; adapter replicated", dist.get_world_size(),
              len(blocks))
     return ShardedAdaptedUNet(unet, adapter, autocast)
@@ -100,7 +150,7 @@ def whole_unet(model: nn.Module) -> Iterator[None]:
         return
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.unet.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in model.frozen.modules() if isinstance(m, FSDPModule)]
     for unit in units:  # a collective: every rank enters the block
         unit.unshard()
     try:
@@ -111,5 +161,5 @@ def whole_unet(model: nn.Module) -> Iterator[None]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when ``model``'s UNet is sharded: every rank must then run each UNet forward together."""
-    return isinstance(model, ShardedAdaptedUNet)
+    """True when ``model``'s frozen network is sharded: every rank must then run each forward together."""
+    return isinstance(model, ShardedDenoiser)

@@ -31,7 +31,7 @@ from train.optim import build_lr_scheduler, build_optimizer
 from train.record import EXPORT_FOLDER, EXPORT_NAME, link_weights, model_ids, share_run
 from train.run import Run
 from train.run_lock import RunLock
-from train.sharding import shard_frozen_unet, take_over_sharding, whole_unet
+from train.sharding import shard_frozen_base, take_over_sharding, whole_unet
 from train.task import rank_seed
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def prepare_model(base: BaseModel, adapter: torch.nn.Module, optimizer: torch.op
     if not shard:
         model, optimizer = accelerator.prepare(adapted_model(base, adapter), optimizer)
     else:
-        model = shard_frozen_unet(base.unet, adapter, accelerator.device, accelerator.autocast)
+        model = shard_frozen_base(base, adapter, accelerator.device, accelerator.autocast)
         optimizer = accelerator.prepare(optimizer)
     if compile_unet:  # after the adapter is installed, so its processors are compiled with the UNet
         compile_denoiser(denoiser(base), sharded=shard)
