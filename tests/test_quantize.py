@@ -174,3 +174,35 @@ def test_fsdp_with_a_quantized_base_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^model.quantize cannot be combined with FSDP yet: use ACCELERATE_CONFIG=ddp"):
         shard_frozen_base(SimpleNamespace(family="flux", transformer=transformer), adapter, torch.device("cpu"),
                           torch.autocast)
+
+
+@needs_torchao
+def test_quantized_sdxl_run_resumes_bitwise_and_exports_for_stock_diffusers(tiny_model_dir, shards, tmp_path,
+                                                                             monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from instantstyle.adapter import attention_module
+    from instantstyle.blocks import cross_attention_layers
+
+    def config(out):
+        return compose(tiny_overrides(tiny_model_dir, shards, out, "model.quantize=int8", "trainer.max_steps=4",
+                                      "trainer.checkpoint_every=2", "optim.lr=1e-3"))
+
+    ref = train(config(tmp_path / "ref"))
+    assert is_quantized(ref.base.unet)
+    out, calls = tmp_path / "resumed", []
+    monkeypatch.setattr(StopSignal, "agreed", lambda self, acc: calls.append(1) or len(calls) == 2)
+    assert train(config(out)).step == 2
+    monkeypatch.undo()
+    resumed = train(config(out))
+    assert resumed.step == 4 and all(torch.equal(v, resumed.adapter.state_dict()[k])
+                                     for k, v in ref.adapter.state_dict().items())
+    exported = load_file(str(out / "ip-adapter.safetensors"))
+    assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in exported.values())
+    pristine = tiny_unet(tiny_model_dir)
+    for i, name in enumerate(cross_attention_layers(pristine.attn_processors)):
+        if name not in resumed.adapter.layer_names:  # untrained: the unquantized base's text key, as stock expects
+            assert torch.equal(exported[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"],
+                               attention_module(pristine, name).to_k.weight)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_ip_adapter(str(out), subfolder="", weight_name="ip-adapter.safetensors")
