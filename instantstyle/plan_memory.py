@@ -74,6 +74,7 @@ class MemoryPlan:
 
     @property
     def peak(self) -> float:
+        """Bytes per GPU at the worst moment: resident weights + the larger phase + the CUDA runtime."""
         return sum(self.resident.values()) + max(self.training_step, self.encoding) + RUNTIME_BYTES
 
     def fits(self, card_gb: float) -> bool:
@@ -82,7 +83,7 @@ class MemoryPlan:
 
 
 def plan_memory(base: MetaBase, options: PlanOptions) -> MemoryPlan:
-    """The memory plan of training an adapter on ``base`` with ``options``."""
+    """The memory plan of training an adapter on ``base`` with ``options`` (``base`` gets the adapter and dtype)."""
     import torch
 
     from .model_sizes import install_meta_adapter, parameter_count
@@ -235,6 +236,7 @@ def format_plan(label: str, options: PlanOptions, plan: MemoryPlan, family: str 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of ``python -m instantstyle.plan_memory``."""
     parser = argparse.ArgumentParser(prog="python -m instantstyle.plan_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="sdxl, sd15, flux, or a diffusers folder")
@@ -251,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the plan; a bad base, block or number is one ``error:`` line and exit status 2."""
     args = parse_args(argv)
     if args.batch < 1 or args.shard_gpus < 1 or args.resolution < 16 or args.resolution % 16:
         print("error: --batch and --shard-gpus must be ≥ 1 and --resolution a multiple of 16", file=sys.stderr)
