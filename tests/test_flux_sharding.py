@@ -58,3 +58,14 @@ def test_fsdp_shards_the_flux_transformer_and_resumes_bitwise_equal_to_ddp(flux_
         assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref), name
     ref, new = load_file(str(tmp_path / "ddp" / "ip-adapter.safetensors")), load_file(str(fsdp / "ip-adapter.safetensors"))
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+
+
+def test_a_sharded_flux_transformer_compiles_block_by_block():
+    from data_tools.make_tiny_flux import build_tiny_flux_transformer
+    from train.compiling import compile_denoiser
+
+    transformer = build_tiny_flux_transformer()
+    compile_denoiser(transformer, sharded=True)  # trainer.compile with ACCELERATE_CONFIG=fsdp
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert transformer._compiled_call_impl is None  # FSDP's hooks stay between the compiled blocks

@@ -17,7 +17,12 @@ from torch import nn
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The down, mid and up blocks of a UNet: the units FSDP shards and compiles one at a time."""
+    """The down, mid and up blocks of a UNet (FLUX: its double- and single-stream blocks): the units FSDP
+    shards and compiles one at a time."""
+    from diffusers import FluxTransformer2DModel
+
+    if isinstance(unet, FluxTransformer2DModel):
+        return [*unet.transformer_blocks, *unet.single_transformer_blocks]
     return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
 
 

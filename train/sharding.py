@@ -125,7 +125,7 @@ def shard_frozen_base(base, adapter: nn.Module, device: torch.device,
         return shard_frozen_unet(base.unet, adapter, device, autocast)
     transformer = base.transformer
     # A branch lives in its double block's attention processor: ignored_params keeps it out of the shards.
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = unet_blocks(transformer)
     _shard_blocks(transformer, blocks, adapter, device)
     log.info("FSDP: frozen FLUX transformer sharded over %d ranks in %d blocks; adapter replicated",
              dist.get_world_size(), len(blocks))
