@@ -207,15 +207,14 @@ def encoder_largest_tensor(base: MetaBase, options: PlanOptions) -> int:
     return largest_activation(lambda: vae.encode(pixels))
 
 
-def not_in_trainer(family: str, options: PlanOptions) -> list[str]:
-    """The planned options ``python -m train`` does not offer for this family (the plan is then a forecast)."""
-    missing = [(family == "flux" and options.cached, "--cached for FLUX (data=cached holds SDXL encoder outputs)"),
-               (options.quantize != "none" and options.shard_gpus > 1,
+def not_in_trainer(options: PlanOptions) -> list[str]:
+    """The planned options ``python -m train`` does not offer together (the plan is then a forecast)."""
+    missing = [(options.quantize != "none" and options.shard_gpus > 1,
                 "--quantize with --shard-gpus (FSDP refuses a quantized base)")]
     return [text for absent, text in missing if absent]
 
 
-def format_plan(label: str, options: PlanOptions, plan: MemoryPlan, family: str = "") -> str:
+def format_plan(label: str, options: PlanOptions, plan: MemoryPlan) -> str:
     """The plan as a readable block: the setting, each part, the peak, and the verdict per card size."""
     setting = (f"{label}: blocks={options.blocks}, batch {options.batch} per GPU, {options.resolution} px, "
                f"quantize={options.quantize}, {options.shard_gpus} GPU(s) sharding the denoiser, "
@@ -231,7 +230,7 @@ def format_plan(label: str, options: PlanOptions, plan: MemoryPlan, family: str 
     lines += [f"  {name:<{width}}  {value / GIB:8.2f} GiB" for name, value in rows]
     lines.append(f"  {'peak per GPU':<{width}}  {plan.peak / GIB:8.2f} GiB")
     lines.append("  fits: " + "   ".join(f"{gb} GB {'yes' if plan.fits(gb) else 'no'}" for gb in CARDS_GB))
-    lines += [f"  note: not in python -m train yet: {text}" for text in not_in_trainer(family, options)]
+    lines += [f"  note: not in python -m train yet: {text}" for text in not_in_trainer(options)]
     return "\n".join(lines)
 
 
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    print(format_plan(base.label, options, plan, base.family))
+    print(format_plan(base.label, options, plan))
 
 
 if __name__ == "__main__":

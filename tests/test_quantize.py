@@ -206,3 +206,10 @@ def test_quantized_sdxl_run_resumes_bitwise_and_exports_for_stock_diffusers(tiny
                                attention_module(pristine, name).to_k.weight)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
     pipe.load_ip_adapter(str(out), subfolder="", weight_name="ip-adapter.safetensors")
+
+
+@needs_torchao
+def test_from_the_embedding_cache_only_the_transformer_is_loaded_and_quantized(flux_dir):
+    base = build_flux_base(flux_dir, quantize="int8", encoders=False)
+    assert is_quantized(base.transformer)
+    assert base.pipe.text_encoder_2.device.type == "meta"  # config only: nothing to quantize
