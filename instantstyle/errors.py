@@ -9,3 +9,7 @@ class GenerationError(ValueError):
 
 class AdapterFileError(ValueError):
     """An adapter file that does not fit the base model or cannot be read."""
+
+
+class OutputPathError(ValueError):
+    """A place this project must not write to (a device, a symlink, /proc), or a write that failed; one line."""

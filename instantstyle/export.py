@@ -11,7 +11,7 @@ what the adapter is, so loading needs no extra arguments.
 from __future__ import annotations
 
 import json
-import os
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,14 +23,18 @@ from safetensors.torch import save
 from . import __version__
 from .adapter import AdapterSpec, InstantStyleAdapter, attention_module, blocks_from_metadata, install_adapter
 from .blocks import cross_attention_layers, export_id, select_layers
-from .errors import AdapterFileError
+from .errors import AdapterFileError, OutputPathError
 from .model_ids import portable_id
 from .projection import build_image_projection
+from .safe_paths import make_output_dir, write_atomic
 
+log = logging.getLogger(__name__)
 FORMAT = "instantstyle-ip-adapter"
 COMPACT = "compact"  # metadata ``layout`` of a file holding only the trained layers
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Metadata fields that hold whole numbers (all metadata values are strings).
+# Trained IP-Adapter weights are of order 1; a weight past this came from a diverged run and renders black.
+EXPLODED_WEIGHT = 1e6
 INTEGER_FIELDS = ("num_tokens", "image_embed_dim", "resampler_dim", "cross_attention_dim",
                   "num_cross_attention_layers", "step")
 
@@ -115,23 +119,19 @@ def export_safetensors(adapter: InstantStyleAdapter, unet: UNet2DConditionModel,
 
 
 def write_adapter_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
-    """Write a safetensors file byte-deterministically and atomically (temporary file, then rename)."""
+    """Write a safetensors file byte-deterministically and atomically (``safe_paths.write_atomic``).
+
+    Non-finite weights are refused: they load, then generate black or noise without a word.
+    """
     path = Path(path)
     if path.is_dir():
         raise AdapterFileError(f"cannot export to {path}: it is a folder, give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = canonical_safetensors(save(tensors, metadata=metadata))
-    tmp = path.with_name(path.name + ".tmp")
+    check_tensors(tensors, path, writing=True)
     try:
-        # Python's open gives the usual 0666 & ~umask; safetensors' save_file makes files 0600.
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise AdapterFileError(f"cannot write {path}: {err.strerror or err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        make_output_dir(path.parent, "export folder")
+        return write_atomic(path, canonical_safetensors(save(tensors, metadata=metadata)), "export")
+    except OutputPathError as err:
+        raise AdapterFileError(str(err)) from None
 
 
 def canonical_safetensors(blob: bytes) -> bytes:
@@ -159,6 +159,10 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     else:
         raise AdapterFileError(f"unsupported adapter file type {path.suffix!r}: use .safetensors or .bin")
     check_tensors(tensors, path)
+    largest = largest_weight(tensors)
+    if largest > EXPLODED_WEIGHT:
+        log.warning("%s: a weight reaches %.3g (> %g): it comes from a diverged training run and will render "
+                    "black or noise; export an earlier checkpoint", path, largest, EXPLODED_WEIGHT)
     return tensors, metadata
 
 
@@ -189,13 +193,26 @@ def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse integer or non-finite weights, which would load and then generate garbage silently."""
+def check_tensors(tensors: dict[str, torch.Tensor], path: Path, writing: bool = False) -> None:
+    """Refuse integer or non-finite weights (and, when writing, exploded ones): they generate garbage silently."""
     for key, value in tensors.items():
         if not value.is_floating_point():
             raise AdapterFileError(f"{path}: {key} holds {value.dtype} values; adapter weights must be floating point")
         if not torch.isfinite(value).all():
+            if writing:
+                raise AdapterFileError(f"refusing to write {path}: {key} holds NaN or inf values (the training "
+                                       "diverged; export an earlier checkpoint)")
             raise AdapterFileError(f"{path}: {key} contains NaN or inf values; export the adapter again")
+    largest = largest_weight(tensors)
+    if writing and largest > EXPLODED_WEIGHT:
+        raise AdapterFileError(f"refusing to write {path}: a weight reaches {largest:.3g} (> {EXPLODED_WEIGHT:g}: "
+                               "the training diverged; export an earlier checkpoint)")
+
+
+def largest_weight(tensors: dict[str, torch.Tensor]) -> float:
+    """The largest absolute value among floating-point ``tensors`` (0 for none)."""
+    return max((float(v.detach().abs().max()) for v in tensors.values() if v.is_floating_point() and v.numel()),
+               default=0.0)
 
 
 def check_metadata(metadata: dict[str, str], path: str | Path) -> None:

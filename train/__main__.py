@@ -61,10 +61,17 @@ def precheck(argv: list[str]) -> list[str]:
                                    cfg.data.get("cache_dir"))
     if implied:
         print(f"data=cached: the cache was made for {implied[0]}, so training uses it")
+    given = [a.partition("=")[2] for a in argv if a.startswith("output_dir=")]
+    if given:  # before Hydra writes .hydra/ and the log into it: a refused run must not touch another's folder
+        from train.checks import check_output_dir
+        from train.run_lock import check_run_dir_free
+
+        check_output_dir(given[-1])
+        check_run_dir_free(given[-1])
     return implied
 
 
-def report_error(err: Exception) -> None:
+def report_error(err: Exception | str) -> None:
     """The one ``error: ...`` line on stderr, or for launch.sh in its INSTANTSTYLE_ERROR_FILE (its last line)."""
     line = f"error: {err}"
     target = os.environ.get("INSTANTSTYLE_ERROR_FILE")
@@ -106,22 +113,37 @@ def main(cfg: DictConfig) -> None:
         sys.exit(handed_over)
     quiet_libraries()
     set_cpu_threads(cfg)
+    import torch
+    from hydra.errors import InstantiationException
+
+    from instantstyle.errors import AdapterFileError, OutputPathError
     from train.checkpoint import CheckpointError
+    from train.divergence import DivergedWeights
     from train.loop import NonFiniteLoss
     from train.training import train
 
     try:
         train(cfg)
-    except (ConfigError, CheckpointError, NonFiniteLoss) as err:
+    except (ConfigError, CheckpointError, NonFiniteLoss, DivergedWeights, AdapterFileError, OutputPathError) as err:
         report_error(err)
+        sys.exit(2)
+    except InstantiationException as err:  # a builder failed on a value the checks could not foresee
+        cause = err.__cause__ or err
+        report_error((str(cause).splitlines() or [type(cause).__name__])[0])
+        sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError):  # host RAM or the GPU's
+        report_error("out of memory: lower trainer.batch_size or data.resolution, or raise "
+                     "trainer.gradient_accumulation_steps")
         sys.exit(2)
 
 
 if __name__ == "__main__":
     sys.argv[1:] = quote_shards(sys.argv[1:])
+    from train.errors import CheckpointError
+
     try:
         implied = precheck(sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         report_error(err)
         sys.exit(2)
     sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:] + implied)

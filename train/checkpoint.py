@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from train.errors import CheckpointError  # defined without torch, for the command line's early checks
+
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 LATER_PARTS = ("optimizer", "ema")  # on preemption written after the rest: 3x the adapter's size together
@@ -39,8 +41,6 @@ CORE_STATES = ("adapter", "optimizer", "lr_scheduler", "ranks")
 READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, SafetensorError)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed into this run."""
 
 
 def encode_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -229,21 +229,15 @@ class CheckpointManager:
             if bad is not None:
                 raise CheckpointError(f"refusing to write checkpoint-{step:08d}: {name} tensor {bad!r} holds inf/NaN "
                                       f"({FINITE_HINT})")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        self._own_tmp.add(tmp.name)
         pending = [name for name in states if name in later]
-        for name, (tree, tensors) in encoded.items():
-            if name not in pending:
-                _write_encoded(tmp, name, tree, tensors)
-        (tmp / "config.yaml").write_text(config_yaml)
         trainer_state = {**trainer_state, "states": list(states)}
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "pending": pending} if pending else trainer_state,
-                                                 indent=2))
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
+        try:
+            tmp = self._write_tmp(step, {n: e for n, e in encoded.items() if n not in pending}, config_yaml,
+                                  {**trainer_state, "pending": pending} if pending else trainer_state)
+        except OSError as err:  # a full disk, a read-only folder: the previous checkpoints stay as they were
+            self.rotate()
+            raise CheckpointError(f"cannot write checkpoint-{step:08d} in {self.root}: {err.strerror or err}; "
+                                  "free space or choose another output_dir, then resume") from None
         final = self.root / f"checkpoint-{step:08d}"
         if final.exists():  # the same step saved twice (preemption right after a periodic save)
             shutil.rmtree(final)
@@ -251,9 +245,28 @@ class CheckpointManager:
         self._own_tmp.discard(tmp.name)
         _fsync(self.root)
         if pending:
-            self.complete_pending(final, {name: encoded[name] for name in pending}, trainer_state)
+            try:
+                self.complete_pending(final, {name: encoded[name] for name in pending}, trainer_state)
+            except (OSError, CheckpointError) as err:  # the first stage is in place and resumable without them
+                log.warning("%s: could not add %s (%s); a resume starts them afresh", final.name, ", ".join(pending),
+                            getattr(err, "strerror", None) or err)
         self.rotate()
         return final
+
+    def _write_tmp(self, step: int, encoded: dict[str, tuple], config_yaml: str, trainer_state: dict) -> Path:
+        """Every file of a checkpoint in a new ``tmp-`` folder, fsynced; the folder is renamed into place later."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"tmp-{step:08d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()  # new: no file inside can be a symlink planted beforehand
+        self._own_tmp.add(tmp.name)
+        for name, (tree, tensors) in encoded.items():
+            _write_encoded(tmp, name, tree, tensors)
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        return tmp
 
     def complete_pending(self, final: Path, encoded: dict[str, tuple], trainer_state: dict) -> None:
         """Add the pending states to a checkpoint in place, each file renamed in whole, then clear ``pending``."""
@@ -288,10 +301,13 @@ class CheckpointManager:
 
 def replace_text(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file and an atomic rename: readers see the old or the new text."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    from instantstyle.errors import OutputPathError
+    from instantstyle.safe_paths import write_atomic
+
+    try:
+        write_atomic(path, text, "checkpoint state")
+    except OutputPathError as err:
+        raise CheckpointError(str(err)) from None
 
 
 class Stateful(Protocol):

@@ -119,19 +119,14 @@ def check_resume(resume: Any, output_dir: str) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """The run folder is a writable folder, or can be made as one."""
-    path = Path(output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir={output_dir} is a file, not a folder; choose another output_dir")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"output_dir={output_dir}: {existing} is a file, so no folder can be made under it; "
-                          "choose another output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user; "
-                          "choose another output_dir")
+    """The run folder is a writable folder, or can be made as one, outside /proc, /sys and /dev."""
+    from instantstyle.errors import OutputPathError
+    from instantstyle.safe_paths import check_output_dir as check_folder
+
+    try:
+        check_folder(output_dir, f"output_dir={output_dir}")
+    except OutputPathError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_model(model_cfg: DictConfig, blocks: DictConfig,

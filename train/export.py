@@ -36,31 +36,48 @@ def read_trainer_state(checkpoint: Path) -> dict:
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE})")
     try:
         state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"cannot read {path}: {(str(err).splitlines() or [type(err).__name__])[0]}") from err
     identity = state.get("identity") if isinstance(state, dict) else None
     missing = [k for k in IDENTITY_KEYS if not isinstance(identity, dict) or k not in identity]
     if missing:
         raise CheckpointError(f"{path} has no adapter identity ({', '.join(missing)} missing); "
                               "export only checkpoints written by python -m train")
-    if not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{path} has no integer step")
+    if type(state.get("step")) is not int or not all(isinstance(identity[k], str)
+                                                     for k in ("base_model", "adapter_type", "image_encoder")):
+        raise CheckpointError(f"{path} has no integer step or a malformed identity; "
+                              "export only checkpoints written by python -m train")
     return state
 
 
-def read_weights(checkpoint: Path, name: str) -> dict:
-    """The ``adapter`` or ``ema`` state of a checkpoint, or a one-line ``CheckpointError``."""
-    from safetensors import SafetensorError
+def read_weights(checkpoint: Path, name: str, state: dict) -> dict:
+    """The ``adapter`` weights, or the ``ema`` shadow weights, of a checkpoint; else a one-line ``CheckpointError``."""
+    import torch
 
-    from train.checkpoint import CheckpointError, read_state
+    from train.checkpoint import READ_ERRORS, CheckpointError, read_state
 
     if not (checkpoint / f"{name}.json").is_file():
-        hint = " (trainer.ema was off); drop --ema" if name == "ema" else ""
-        raise CheckpointError(f"{checkpoint.name} has no {name}.json{hint}")
+        raise CheckpointError(f"{checkpoint.name} has no {name}.json{_missing_hint(name, state)}")
     try:
-        return read_state(checkpoint, name)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise CheckpointError(f"cannot read the {name} weights of {checkpoint}: {str(err).splitlines()[0]}") from err
+        weights = read_state(checkpoint, name)
+    except READ_ERRORS as err:
+        raise CheckpointError(f"cannot read the {name} weights of {checkpoint}: "
+                              f"{(str(err).splitlines() or [type(err).__name__])[0]}") from None
+    if name == "ema":
+        weights = weights.get("shadow") if isinstance(weights, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise CheckpointError(f"{checkpoint.name}/{name}.json does not hold a mapping of weight names to tensors")
+    return weights
+
+
+def _missing_hint(name: str, state: dict) -> str:
+    """Why a checkpoint lacks a state: EMA off, or the preemption that cut its second stage short."""
+    if name != "ema":
+        return ""
+    if "ema" in (state.get("pending") or ()) or "ema" in (state.get("states") or ()):
+        return " (the run was stopped before its EMA weights were written); drop --ema or export an earlier checkpoint"
+    return " (trainer.ema was off); drop --ema"
 
 
 def weights_path(out: Path) -> Path:
@@ -71,7 +88,12 @@ def weights_path(out: Path) -> Path:
 
 
 def check_out(out: Path) -> None:
-    """FILE.safetensors goes into an existing folder; DIR is made in an existing one (checked before loading)."""
+    """FILE.safetensors goes into an existing folder; DIR is made in an existing one (checked before loading).
+
+    Only a regular file or a new name is replaced.
+    """
+    from instantstyle.errors import OutputPathError
+    from instantstyle.safe_paths import check_output_dir, check_output_file
     from train.checkpoint import CheckpointError
 
     folder = weights_path(out).parent
@@ -80,6 +102,11 @@ def check_out(out: Path) -> None:
         raise CheckpointError(f"--out folder {must_exist} does not exist; create it first")
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--out {folder} is a file; give a folder or a name ending in .safetensors")
+    try:  # never a device (--out /dev/null), a symlink's target or a path under /proc
+        check_output_dir(folder, "--out folder")
+        check_output_file(weights_path(out), "--out")
+    except OutputPathError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", ema: bool = False,
@@ -100,11 +127,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     identity = state["identity"]
     if compact and identity.get("family") == "flux":
         raise CheckpointError("--compact is for SDXL and SD 1.5 adapters; FLUX files hold every block")
-    weights = read_weights(checkpoint, "ema" if ema else "adapter")
-    if ema:
-        weights = weights.get("shadow") if isinstance(weights, dict) else None
-        if weights is None:
-            raise CheckpointError(f"{checkpoint.name}/ema.json has no shadow weights")
+    weights = read_weights(checkpoint, "ema" if ema else "adapter", state)
     # A run records model.path as the user wrote it; model=toy's relative path means the packaged toy base.
     base_path = resolve_model_path(base or identity["base_model"], must_exist=False)
     family, model, adapter = rebuild_adapter(identity, weights, base_path, checkpoint.name)
@@ -139,21 +162,27 @@ def rebuild_adapter(identity: dict, weights: dict, base_path: str, name: str):
 
         adapter, transformer = flux_adapter_from_checkpoint(identity, weights, base_path=base_path, name=name)
         return "flux", transformer, adapter
+    def first_line(err: Exception) -> str:
+        return (str(err).splitlines() or [type(err).__name__])[0]
+
     try:
         unet = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the base UNet from {base_path} ({str(err).splitlines()[0]}); "
-                              "pass --base PATH") from err
+        raise CheckpointError(f"cannot load the base UNet from {base_path} ({first_line(err)}); pass --base PATH") from err
     try:
         spec = AdapterSpec.from_metadata(identity)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
         raise CheckpointError(f"{name}: unreadable adapter identity ({err})") from err
-    adapter = install_adapter(unet, spec)
+    try:
+        adapter = install_adapter(unet, spec)
+    except (ValueError, RuntimeError, TypeError, MemoryError) as err:
+        raise CheckpointError(f"{name}: its adapter identity does not build on {base_path} ({first_line(err)})") from None
     try:
         adapter.load_state_dict(weights)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = str(err).splitlines()
         raise CheckpointError(f"{name} does not fit the base at {base_path}: "
-                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from err
+                              f"{lines[1].strip() if len(lines) > 1 else err}") from err
     return model_family(unet), unet, adapter
 
 

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from instantstyle.evaluate import EvalConfig, EvalSetting, StyleReference, evaluate_adapter
 from instantstyle.generate import StyleGenerator
-from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, check_finite, gather_json,
-                              restore_rng, save_parts)
+from train.checkpoint import (FINITE_HINT, LATER_PARTS, CheckpointManager, capture_rng, gather_json, restore_rng,
+                              save_parts)
 from train.cached_validation import encoders_on
 from train.compiling import uncompiled
+from train.divergence import check_weights
 from train.loggers import FILE_ONLY, ThroughputMeter, append_history, format_duration, keep_window_lines_off_console
 from train.run import Run
 from train.sharding import is_sharded
@@ -102,7 +103,7 @@ def save_checkpoint(run: Run, manager: CheckpointManager, preempted: bool = Fals
     On preemption the adapter, schedule, RNG and data position are written (and renamed into place)
     before the optimizer and EMA, so a usable checkpoint exists early in the 30 s before SIGKILL.
     """
-    check_finite(run.parts(), f"checkpoint at step {run.step}")  # every rank holds the same parts: all stop together
+    check_weights(run, f"checkpoint at step {run.step}")  # on every rank, so all stop together
     ranks = gather_json(run.rank_part().state_dict(), run.accelerator)
     if run.accelerator.is_main_process:
         trainer_state = {"step": run.step, "identity": run.identity,
@@ -253,6 +254,7 @@ def train_step(run: Run, batches, meter: ThroughputMeter) -> tuple[torch.Tensor,
     ok = torch.isfinite(mean_loss) if accelerator.scaler is not None else torch.isfinite(mean_loss + grad_norm)
     finite = bool(ok)
     if finite:
+        run.probe_batch = batch  # trained finitely with the weights before this step (train.divergence)
         run.optimizer.step()
         advance_after_step(run)
     run.optimizer.zero_grad(set_to_none=True)

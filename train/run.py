@@ -39,6 +39,7 @@ class Run:
     identity: dict
     step: int = 0
     summary: dict = field(default_factory=dict)
+    probe_batch: dict | None = None  # the last batch that trained finitely: train.divergence probes weights on it
 
     @property
     def trainer(self) -> TrainerConfig:

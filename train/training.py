@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from instantstyle.models import BaseModel
-from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, check_finite, gather_json,
-                              load_parts, verify_checkpoint)
+from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, gather_json, load_parts,
+                              verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
 from train.cached_validation import HOST, park_encoders
 from train.compiling import choose_cudnn_benchmark, compile_denoiser
@@ -279,6 +279,7 @@ def train(cfg: DictConfig) -> Run | None:
 def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, trackers: Trackers,
                  manager: CheckpointManager, folder: Path | None, shard: bool = False) -> Run:
     """Build, resume, fit and export, once ``train`` holds the output_dir."""
+    from train.divergence import check_weights
     from train.loop import fit
 
     run_dir = manager.root.parent
@@ -291,7 +292,7 @@ def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, 
     accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
     fit(run, manager)
     if not run.summary.get("preempted"):
-        check_finite(run.parts(), "export")  # on every rank, so they stop together
+        check_weights(run, "export")  # on every rank, so they stop together
         with whole_unet(run.model):  # FSDP: the export copies untrained layers' weights from the UNet
             if accelerator.is_main_process:
                 run.summary["export"] = str(export_final(run))
