@@ -328,8 +328,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_one_line(tiny_model_dir, sha
 
 
 def test_a_nonfinite_checkpoint_or_export_is_refused(tmp_path):
-    from train.checkpoint import save_parts
-    from train.checkpoint import check_finite
+    from train.checkpoint import check_finite, save_parts
 
     module = torch.nn.Linear(2, 2)
     with torch.no_grad():
