@@ -247,7 +247,8 @@ def check_config(cfg: DictConfig) -> Settings:
     if trainer.content_scale and adapter_type != "ip_adapter":
         raise ConfigError(f"trainer.content_scale={trainer.content_scale} needs adapter=ip_adapter ({adapter_type} "
                           "reads the image encoder's hidden states, which are not in the text space)")
-    for name, schema in (("adapter", AdapterConfig), ("logger", LoggerConfig), ("optim", OptimConfig)):
+    for name, schema in (("adapter", AdapterConfig), ("blocks", BlocksConfig), ("logger", LoggerConfig),
+                         ("optim", OptimConfig)):
         section(cfg[name], name, schema)  # their range checks
     validation = section(cfg.get("validation"), "validation", ValidationConfig)
     prompts, refs = read_validation(validation, adapter_type)

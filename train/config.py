@@ -10,6 +10,7 @@ This module imports no torch or diffusers, so config mistakes are reported in ab
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional
@@ -45,6 +46,67 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message is one actionable line."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number field (or each number of a list field) may take; declared beside its default."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    length: int | None = None   # a list field: exactly this many numbers
+    hint: str = ""               # appended to the message, e.g. "0 = only at the end"
+
+    def admits(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """"≥ 1", "> 0", "in [0, 1)" …"""
+        low, high = _num(self.ge if self.ge is not None else self.gt), _num(self.le if self.le is not None else self.lt)
+        if low and high:
+            return f"in {'[' if self.ge is not None else '('}{low}, {high}{']' if self.le is not None else ')'}"
+        if low:
+            return f"{'≥' if self.ge is not None else '>'} {low}"
+        return f"{'≤' if self.le is not None else '<'} {high}" if high else "a finite number"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def ranged(default: Any, **bounds: Any) -> Any:
+    """A dataclass field with a ``Range`` (lists get a default factory): ``seed: int = ranged(42, ge=0)``."""
+    meta = {"range": Range(**bounds)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_ranges(section_obj: Any, group: str) -> None:
+    """Every number of a schema section is finite and inside its declared ``Range``; else one ``ConfigError``.
+
+    The one place value ranges are checked: a field declares its range, this enforces it (inf and NaN are
+    refused everywhere: no setting means them).
+    """
+    for f in fields(section_obj):
+        value, rule = getattr(section_obj, f.name), f.metadata.get("range")
+        numbers = list(value) if isinstance(value, (list, tuple)) else [value]
+        numbers = [v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        key = f"{group}.{f.name}"
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
+        if rule is None or value is None:
+            continue
+        if rule.length is not None and len(numbers) != rule.length:
+            raise ConfigError(f"{key} must be {rule.length} numbers {rule.describe()} (got {value!r})")
+        if not all(rule.admits(v) for v in numbers):
+            hint = f"; {rule.hint}" if rule.hint else ""
+            raise ConfigError(f"{key} must be {rule.describe()} (got {value!r}){hint}")
+
+
 def require(checks: list[tuple[bool, str]]) -> None:
     """Raise ``ConfigError`` with the message of the first failed check."""
     for ok, message in checks:
@@ -75,13 +137,15 @@ class AdapterConfig:
     _target_: str = "train.builders.build_adapter"
     _partial_: bool = True
     type: str = "ip_adapter"            # ip_adapter | ip_adapter_plus
-    num_tokens: int = 4                # image tokens the projection makes (ip_adapter 4, ip_adapter_plus 16)
-    resampler_dim: int = 1280           # Plus only: resampler width (1280 matches the public SDXL Plus files)
+    # image tokens the projection makes (ip_adapter 4, ip_adapter_plus 16)
+    num_tokens: int = ranged(4, ge=1, le=1024)
+    # Plus only: resampler width (1280 matches the public SDXL Plus files)
+    resampler_dim: int = ranged(1280, ge=1, le=16384)
     init_from: Optional[str] = None     # an exported or public IP-Adapter .safetensors/.bin to start from
 
     def __post_init__(self) -> None:
-        require([(self.type in ADAPTER_TYPES, f"adapter.type={self.type!r} — valid: {', '.join(ADAPTER_TYPES)}"),
-                 (self.num_tokens >= 1 and self.resampler_dim >= 1, "adapter.num_tokens and adapter.resampler_dim must be ≥ 1")])
+        check_ranges(self, "adapter")
+        require([(self.type in ADAPTER_TYPES, f"adapter.type={self.type!r} — valid: {', '.join(ADAPTER_TYPES)}")])
 
 
 @dataclass
@@ -91,26 +155,37 @@ class BlocksConfig:
     preset: str = "style"                    # style | layout | style_layout | all (resolved per model family)
     targets: Optional[List[str]] = None      # a custom list of block prefixes; wins over the preset
 
+    def __post_init__(self) -> None:
+        targets = self.targets
+        require([(targets is None or (not isinstance(targets, str) and all(isinstance(t, str) and t for t in targets)),
+                  f"blocks.targets={targets!r} must be a list of block names, e.g. "
+                  "blocks.targets=[up_blocks.0.attentions.1], or null for blocks.preset"),
+                 (targets is None or len(targets) > 0, "blocks.targets=[] selects no block, so nothing would train; "
+                  "list blocks, e.g. blocks.targets=[up_blocks.0.attentions.1], or set it to null for blocks.preset")])
+
 
 @dataclass
 class DataConfig:
     """``data``: WebDataset shards → SDXL batches (``train.data.build_train_loader``)."""
 
     shards: Any = MISSING            # brace pattern, glob, list, pipe: command or fsspec URL
-    resolution: int = 1024           # shorter side resized to this, then cropped square
-    clip_image_size: int = 224       # image-encoder input, resized (bicubic) from the training crop
+    # shorter side resized to this, then cropped square
+    resolution: int = ranged(1024, ge=8, hint="the VAE works on 8-pixel blocks")
+    clip_image_size: int = ranged(224, ge=1)  # image-encoder input, resized (bicubic) from the training crop
     random_crop: bool = False        # a random square crop instead of the centre (coordinates go to micro-conditioning)
     center_crop: bool = True         # SDXL crop: the centre square
     random_flip: bool = False        # crop_coords_top_left is mirrored to match
-    shuffle_buffer: int = 1000       # samples shuffled per block (held encoded, per worker)
-    num_workers: int = 4             # DataLoader workers per rank; each reads its own shards
-    prefetch_factor: int = 2         # batches each worker prepares ahead
-    drop_image_prob: float = 0.05    # classifier-free guidance: image embedding zeroed
-    drop_text_prob: float = 0.05     # caption replaced by ""
-    drop_both_prob: float = 0.05     # both dropped
-    max_image_pixels: int = 178956970  # decompression-bomb guard (2× PIL's default); bigger images are skipped
-    clip_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # image-encoder pixel normalisation
-    clip_std: List[float] = field(default_factory=lambda: list(CLIP_STD))    # image-encoder pixel normalisation
+    shuffle_buffer: int = ranged(1000, ge=0)  # samples shuffled per block (held encoded, per worker)
+    num_workers: int = ranged(4, ge=0)   # DataLoader workers per rank; each reads its own shards
+    prefetch_factor: int = ranged(2, ge=1)  # batches each worker prepares ahead
+    drop_image_prob: float = ranged(0.05, ge=0, le=1)  # classifier-free guidance: image embedding zeroed
+    drop_text_prob: float = ranged(0.05, ge=0, le=1)  # caption replaced by ""
+    drop_both_prob: float = ranged(0.05, ge=0, le=1)  # both dropped
+    # decompression-bomb guard (2× PIL's default); bigger images are skipped
+    max_image_pixels: int = ranged(178956970, ge=1)
+    clip_mean: List[float] = ranged(list(CLIP_MEAN), length=3)  # image-encoder pixel normalisation
+    # image-encoder pixel normalisation
+    clip_std: List[float] = ranged(list(CLIP_STD), gt=0, length=3, hint="pixels are divided by it")
     # Aspect-ratio buckets: none = square crops at `resolution`; sdxl = SDXL's 41 sizes scaled to
     # `resolution` (1024 = the published set); or a list [[width, height], ...]. Batches hold one bucket.
     buckets: Any = "none"
@@ -121,29 +196,32 @@ class DataConfig:
     # Reference augmentation (instantstyle/augment.py), all off by default: what the image encoder sees is
     # cut from the same image as the target but need not share its layout (docs/training.md).
     reference_crop: Optional[List[float]] = None  # [low, high] area fraction of an independent square crop
-    reference_flip_prob: float = 0.0              # horizontal flip of the reference
-    reference_shuffle_grid: int = 1               # N×N patch shuffle of the reference (1 = off)
+    reference_flip_prob: float = ranged(0.0, ge=0, le=1)  # horizontal flip of the reference
+    reference_shuffle_grid: int = ranged(1, ge=1)  # N×N patch shuffle of the reference (1 = off)
 
     def __post_init__(self) -> None:
+        check_ranges(self, "data")
         drops = self.drop_image_prob + self.drop_text_prob + self.drop_both_prob
         require([
-            (self.resolution > 0 and self.clip_image_size > 0, "data.resolution and data.clip_image_size must be > 0"),
+            (_shards_ok(self.shards), f"data.shards={self.shards!r} — give a glob, brace pattern, pipe: command, URL "
+                                      "or a list of them, e.g. data.shards='DIR/*.tar'"),
             (self.random_crop or self.center_crop, "set data.center_crop=true or data.random_crop=true: batches need square crops"),
             (0 <= min(self.drop_image_prob, self.drop_text_prob, self.drop_both_prob) and drops <= 1,
              f"data.drop_*_prob must be ≥ 0 and sum to ≤ 1 (they sum to {drops})"),
-            (self.num_workers >= 0 and self.shuffle_buffer >= 0, "data.num_workers and data.shuffle_buffer must be ≥ 0"),
-            (self.prefetch_factor >= 1, "data.prefetch_factor must be ≥ 1"),
-            (self.max_image_pixels > 0, "data.max_image_pixels must be > 0"),
-            (len(self.clip_mean) == 3 and len(self.clip_std) == 3, "data.clip_mean/clip_std need 3 values"),
             (self.reference_crop is None or (len(self.reference_crop) == 2
                                              and 0 < self.reference_crop[0] <= self.reference_crop[1] <= 1),
              f"data.reference_crop={self.reference_crop} — give [low, high] with 0 < low ≤ high ≤ 1, or null"),
-            (0 <= self.reference_flip_prob <= 1 and self.reference_shuffle_grid >= 1,
-             "data.reference_flip_prob must be in [0, 1] and data.reference_shuffle_grid ≥ 1"),
             (_buckets_ok(self.buckets), f"data.buckets={self.buckets!r} — valid: none, sdxl, or a list of "
                                         "[width, height] pairs, positive multiples of 8, e.g. [[1024, 1024], [1152, 896]]"),
         ])
         self.clip_mean, self.clip_std = tuple(self.clip_mean), tuple(self.clip_std)
+
+
+def _shards_ok(spec: Any) -> bool:
+    """data.shards is a non-empty string or a non-empty list of them (a number or null is a slip)."""
+    if isinstance(spec, str):
+        return bool(spec.strip())
+    return isinstance(spec, (list, tuple)) and bool(spec) and all(isinstance(s, str) and s.strip() for s in spec)
 
 
 def _buckets_ok(spec: Any) -> bool:
@@ -164,14 +242,13 @@ class OptimConfig:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
     _convert_: str = "all"
-    lr: float = 1.0e-4                 # peak learning rate (after warmup)
-    weight_decay: float = 1.0e-2       # decoupled weight decay (AdamW)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decays
-    eps: float = 1.0e-8                # Adam's denominator guard
+    lr: float = ranged(1.0e-4, gt=0)     # peak learning rate (after warmup)
+    weight_decay: float = ranged(1.0e-2, ge=0)  # decoupled weight decay (AdamW)
+    betas: List[float] = ranged([0.9, 0.999], ge=0, lt=1, length=2)  # Adam's moment decays
+    eps: float = ranged(1.0e-8, gt=0)    # Adam's denominator guard
 
     def __post_init__(self) -> None:
-        require([(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})"),
-                 (self.weight_decay >= 0 and self.eps > 0, "optim.weight_decay must be ≥ 0 and optim.eps > 0")])
+        check_ranges(self, "optim")
 
 
 @dataclass
@@ -194,58 +271,51 @@ class LoggerConfig:
 class TrainerConfig:
     """``trainer``: the loop's settings."""
 
-    batch_size: int = 4                  # per process; global batch = batch_size × accumulation × processes
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000                # optimizer steps
+    batch_size: int = ranged(4, ge=1)    # per process; global batch = batch_size × accumulation × processes
+    gradient_accumulation_steps: int = ranged(1, ge=1)  # micro-batches per optimizer step
+    max_steps: int = ranged(1000, ge=1)  # optimizer steps
     lr_scheduler: str = "constant"       # constant | cosine | linear, each after linear warmup
-    warmup_steps: int = 0                # linear lr warmup from 0
-    max_grad_norm: Optional[float] = 1.0  # null = no clipping (the norm is still logged)
+    warmup_steps: int = ranged(0, ge=0)  # linear lr warmup from 0
+    # null = no clipping (the norm is still logged)
+    max_grad_norm: Optional[float] = ranged(1.0, gt=0, hint="or null for no clipping")
     mixed_precision: str = "auto"        # auto | no | fp16 | bf16: frozen nets run in it, adapter weights stay fp32;
                                          # auto = bf16 where the GPU has it, fp16 on older GPUs, no on CPU
     allow_tf32: bool = True              # TF32 matmuls/convolutions on CUDA (Ampere+): ~2x faster fp32 parts
     compile: bool = False                # torch.compile the UNet (first steps slower while it compiles)
     channels_last: bool = False          # UNet weights/activations in NHWC: faster convolutions on tensor cores
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    checkpoint_every: int = 500          # steps; 0 = only at the end and on preemption
-    checkpoints_to_keep: int = 3         # older checkpoints are deleted
-    seed: int = 42                       # data order, noise, dropout and init all follow from it
-    noise_offset: float = 0.0            # e.g. 0.05: lets the model learn very dark/bright images
-    snr_gamma: Optional[float] = None    # e.g. 5.0: min-SNR-γ loss weighting
-    content_scale: float = 0.0           # λ of content-decoupled training: the reference's image embedding minus
-                                         # λ × its caption's text embedding (InstantStyle's subtraction; ip_adapter)
+    # steps; 0 = only at the end and on preemption
+    checkpoint_every: int = ranged(500, ge=0, hint="0 = only at the end")
+    checkpoints_to_keep: int = ranged(3, ge=1)  # older checkpoints are deleted
+    seed: int = ranged(42, ge=0, le=2**32 - 1)  # data order, noise, dropout and init all follow from it
+    noise_offset: float = ranged(0.0, ge=0)  # e.g. 0.05: lets the model learn very dark/bright images
+    snr_gamma: Optional[float] = ranged(None, gt=0, hint="e.g. 5.0, or null")  # e.g. 5.0: min-SNR-γ loss weighting
+    # λ of content-decoupled training: the reference's image embedding minus
+    # λ × its caption's text embedding (InstantStyle's subtraction; ip_adapter)
+    content_scale: float = ranged(0.0, ge=0)
     content_normalize: bool = False      # subtract on unit directions, rescaled to the image norm (λ ∈ [0, 1])
-    ema: Optional[float] = None          # e.g. 0.999: EMA decay of the adapter weights (exported when set)
-    log_every: int = 10                  # steps between log lines and tracker points
-    validate_every: int = 0              # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
+    # e.g. 0.999: EMA decay of the adapter weights (exported when set)
+    ema: Optional[float] = ranged(None, gt=0, lt=1, hint="a decay such as 0.999, or null")
+    log_every: int = ranged(10, ge=1)    # steps between log lines and tracker points
+    # steps between losses on a fixed held-out batch; 0 = off (metrics: validation.*)
+    validate_every: int = ranged(0, ge=0)
     record_sample_keys: bool = False     # write each rank's consumed sample keys to RUN/sample_keys/ (debugging)
-    max_nonfinite_steps: int = 10        # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
-    stop_check_every: int = 10           # steps between the ranks' agreement on a stop signal (a host sync);
-                                         # always checked before a checkpoint; keep steps × this well under 30 s
-    collective_timeout_s: int = 1800     # how long ranks wait in a collective (base download, rank-0 work)
+    # inf/NaN loss or gradient: the step is skipped; this many in a row stop the run
+    max_nonfinite_steps: int = ranged(10, ge=1)
+    # steps between the ranks' agreement on a stop signal (a host sync);
+    # always checked before a checkpoint; keep steps × this well under 30 s
+    stop_check_every: int = ranged(10, ge=1)
+    # how long ranks wait in a collective (base download, rank-0 work); at most a week
+    collective_timeout_s: int = ranged(1800, ge=60, le=7 * 24 * 3600)
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
             self.mixed_precision = "no"
+        check_ranges(self, "trainer")
         t = self
         require([
-            (t.batch_size >= 1, f"trainer.batch_size must be ≥ 1 (got {t.batch_size})"),
-            (t.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps must be ≥ 1"),
-            (t.max_steps >= 1, f"trainer.max_steps must be ≥ 1 (got {t.max_steps})"),
             (t.lr_scheduler in LR_SCHEDULERS, f"trainer.lr_scheduler={t.lr_scheduler!r} — valid: {', '.join(LR_SCHEDULERS)}"),
-            (t.warmup_steps >= 0, "trainer.warmup_steps must be ≥ 0"),
-            (t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm must be > 0, or null for no clipping"),
             (t.mixed_precision in PRECISIONS, f"trainer.mixed_precision={t.mixed_precision!r} — valid: {', '.join(PRECISIONS)}"),
-            (t.checkpoint_every >= 0, "trainer.checkpoint_every must be ≥ 0 (0 = only at the end)"),
-            (t.checkpoints_to_keep >= 1, "trainer.checkpoints_to_keep must be ≥ 1"),
-            (t.seed >= 0, f"trainer.seed must be ≥ 0 (got {t.seed})"),
-            (t.noise_offset >= 0, "trainer.noise_offset must be ≥ 0"),
-            (t.snr_gamma is None or t.snr_gamma > 0, "trainer.snr_gamma must be > 0 (e.g. 5.0), or null"),
-            (t.content_scale >= 0, f"trainer.content_scale must be ≥ 0 (got {t.content_scale})"),
-            (t.ema is None or 0 < t.ema < 1, "trainer.ema is a decay in (0, 1), e.g. 0.999, or null"),
-            (t.log_every >= 1 and t.validate_every >= 0, "trainer.log_every must be ≥ 1 and trainer.validate_every ≥ 0"),
-            (t.max_nonfinite_steps >= 1, f"trainer.max_nonfinite_steps must be ≥ 1 (got {t.max_nonfinite_steps})"),
-            (t.stop_check_every >= 1, f"trainer.stop_check_every must be ≥ 1 (got {t.stop_check_every})"),
-            (t.collective_timeout_s >= 60, f"trainer.collective_timeout_s must be ≥ 60 s (got {t.collective_timeout_s})"),
         ])
 
     @property
@@ -300,6 +370,7 @@ class ValidationConfig:
     dino: Optional[str] = None       # DINO / DINOv2 folder: adds val/dino_content_leakage
 
     def __post_init__(self) -> None:
+        check_ranges(self, "validation")
         sizes_ok = all(s is None or (s > 0 and s % 8 == 0) for s in (self.height, self.width))
         require([
             (self.every >= 0, f"validation.every must be ≥ 0 (0 = with each checkpoint), got {self.every}"),

@@ -104,8 +104,17 @@ def yaml_value(value: Any) -> str:
 def schema_keys(cls: type, skip: Any = ()) -> list[Key]:
     """The user-facing keys of one schema dataclass (wiring keys such as ``_target_`` left out)."""
     comments = field_comments(cls)
-    return [Key(f.name, type_name(f.type), default_text(f), comments.get(f.name, ""))
+    return [Key(f.name, type_name(f.type), default_text(f), with_range(comments.get(f.name, ""), f))
             for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name not in skip]
+
+
+def with_range(meaning: str, field: dataclasses.Field) -> str:
+    """The field's meaning, then the range its schema declares (``ranged``): "… (allowed: ≥ 1)"."""
+    rule = field.metadata.get("range")
+    if rule is None:
+        return meaning
+    allowed = f"{rule.length} numbers, each {rule.describe()}" if rule.length else rule.describe()
+    return f"{meaning} (allowed: {allowed})".strip()
 
 
 def builder(cls: type) -> str | None:
