@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle  # only for its error type: nothing is ever unpickled
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -178,8 +179,11 @@ def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
     # Legacy IP-Adapter checkpoints: tensors only, never arbitrary objects.
     try:
         nested = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never here
+        raise AdapterFileError(f"cannot read adapter file {path}: it is not a tensors-only checkpoint (pickled "
+                               "objects are never loaded); convert it to .safetensors") from None
     except Exception as err:  # torch.load raises many types for files it cannot or must not read
-        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0]}") from err
+        raise AdapterFileError(f"cannot read adapter file {path}: {str(err).splitlines()[0][:200]}") from None
     if not isinstance(nested, dict) or "image_proj" not in nested or "ip_adapter" not in nested:
         raise AdapterFileError(f"{path} is not an IP-Adapter checkpoint (no image_proj/ip_adapter)")
     flat = {}
@@ -223,17 +227,30 @@ def check_metadata(metadata: dict[str, str], path: str | Path) -> None:
     if "target_blocks" in metadata:
         try:
             blocks = json.loads(metadata["target_blocks"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
             blocks = None
         if blocks != "all" and not (isinstance(blocks, list) and all(isinstance(b, str) and b for b in blocks)):
-            raise AdapterFileError(f"{path}: metadata field target_blocks is {metadata['target_blocks']!r}; "
+            shown = metadata["target_blocks"]
+            shown = repr(shown if len(shown) <= 80 else shown[:80] + "…")
+            raise AdapterFileError(f"{path}: metadata field target_blocks is {shown}; "
                                    'expected a JSON list of block names or "all"')
 
 
 def spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                    cross_attention_dim: int, path: str | Path = "adapter file") -> AdapterSpec:
-    """Recover the adapter spec from metadata, or from tensor shapes for public files."""
+    """Recover the adapter spec from metadata, or from tensor shapes for public files (one line when they don't fit)."""
     check_metadata(metadata, path)
+    try:
+        return _spec_from_file(tensors, metadata, cross_attention_dim)
+    except AdapterFileError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise AdapterFileError(f"{path}: not an IP-Adapter layout this base reads "
+                               f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
+
+
+def _spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                    cross_attention_dim: int) -> AdapterSpec:
     if "image_proj.latents" in tensors:
         latents = tensors["image_proj.latents"]
         adapter_type, num_tokens, resampler_dim = "ip_adapter_plus", latents.shape[1], latents.shape[2]

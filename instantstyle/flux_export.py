@@ -103,8 +103,13 @@ def flux_spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     weight = tensors.get(PROJ_PREFIX + "proj.weight")
     if weight is None:
         raise AdapterFileError(f"not a FLUX IP-Adapter file: no {PROJ_PREFIX}proj.weight")
-    num_tokens = weight.shape[0] // tensors[PROJ_PREFIX + "norm.weight"].shape[0]
-    blocks = json.loads(metadata.get("double_blocks", '"all"'))
+    try:
+        num_tokens = weight.shape[0] // tensors[PROJ_PREFIX + "norm.weight"].shape[0]
+        blocks = json.loads(metadata.get("double_blocks", '"all"'))
+    except (KeyError, IndexError, ZeroDivisionError, ValueError, RecursionError) as err:
+        raise AdapterFileError(f"not a FLUX IP-Adapter layout ({type(err).__name__})") from None
+    if blocks != "all" and not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)):
+        raise AdapterFileError('metadata field double_blocks must be a JSON list of block names or "all"')
     extra = {k: metadata[k] for k in ("base_model", "image_encoder", "step") if k in metadata}
     return FluxAdapterSpec(None if blocks == "all" else tuple(blocks), int(weight.shape[1]), int(num_tokens), extra)
 

@@ -160,7 +160,9 @@ def verify_checkpoint(folder: str | Path, step: int | None = None) -> dict:
         if step is not None and trainer_state["step"] != step:
             raise ValueError(f"step {trainer_state['step']}, expected {step}")
         present = [p.stem for p in folder.glob("*.json") if p.name != STATE_FILE]
-        pending = set(trainer_state.get("pending", ()))  # a preemption checkpoint cut short: resumable without them
+        pending = trainer_state.get("pending", [])  # a preemption checkpoint cut short: resumable without them
+        if not isinstance(pending, list) or not all(isinstance(p, str) and p in LATER_PARTS for p in pending):
+            raise ValueError(f"pending is {pending!r}; only {', '.join(LATER_PARTS)} may be written late")
         for what in trainer_state.get("states") or sorted({*CORE_STATES, *present}):
             if what not in pending or (folder / f"{what}.json").is_file():
                 read_state(folder, what)

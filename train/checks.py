@@ -141,9 +141,10 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig,
     from train.builders import resolve_model_path
 
     model = section(model_cfg, "model", ModelConfig)
-    if Path(model.path).expanduser().is_file():
-        raise ConfigError(f"model.path={model.path} is a file; give the base model's diffusers folder (with unet/) "
-                          "or a hub id")
+    given = Path(model.path).expanduser()
+    if given.exists() and not given.is_dir():  # a file, or a device such as /dev/null
+        raise ConfigError(f"model.path={model.path} is a file, not a folder; give the base model's diffusers folder "
+                          "(with unet/) or a hub id")
     path = resolve_model_path(model.path, must_exist=not model.build_if_missing)
     if model.build_if_missing and not Path(path, "unet").is_dir():
         return None, None  # the tiny base is built on first use; it always fits
