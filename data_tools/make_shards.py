@@ -28,7 +28,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_tools.shards import Manifest, Sample, ShardRecord, read_manifest, sample_key, shard_name, write_manifest, write_shard
+from instantstyle.errors import OutputPathError
 from instantstyle.generate import HelpFormatter
+from instantstyle.safe_paths import make_output_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "image_file", "file", "file_name", "filename", "path", "url")
@@ -295,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-encoding processes")
     args = parser.parse_args(argv)
     try:
+        make_output_dir(args.out, f"--out {args.out}")
         manifest = make_shards(args.input, args.out, image_root=args.image_root, image_column=args.image_column,
                                caption_column=args.caption_column,
                                limits=ShardLimits(args.samples_per_shard, args.max_shard_bytes),
                                options=EncodeOptions(args.format, args.max_side, args.quality), workers=args.workers)
-    except MakeShardsError as err:
+    except (MakeShardsError, OutputPathError) as err:  # OutputPathError: --out a file, a device, /proc; full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     for skip in manifest.skipped:

@@ -28,18 +28,20 @@ import torch
 from tqdm import tqdm
 
 from data_tools.buckets import nearest_bucket, parse_buckets
-from data_tools.embedding_cache import (DTYPES, VIEWS_KEY, cache_identity, encode_sample, identity_mismatch, read_identity,
+from data_tools.embedding_cache import (DTYPES, VIEWS_KEY, cache_identity, encode_sample, identity_mismatch,
                                         save_empty_prompt, source_id)
 from data_tools.decode import BadSample, decode_caption, decode_meta, image_member, open_image, upright_size
 from data_tools.shards import (Manifest, Sample, ShardRecord, TruncatedTar, expand_shards, iter_samples, open_shard,
-                               write_manifest, write_shard)
+                               read_manifest, write_manifest, write_shard)
 from data_tools.toy_data import CLIP_MEAN, CLIP_STD
 from data_tools.augment import augmented_view
 from data_tools.transforms import original_size, prepare_image
 from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
+from instantstyle.errors import OutputPathError
 from instantstyle.models import BaseModel, encode_prompts, load_base
+from instantstyle.safe_paths import check_output_dir, make_output_dir
 from instantstyle.threads import configure_cpu_threads
 
 if TYPE_CHECKING:
@@ -244,28 +246,67 @@ def load_encoders(args: argparse.Namespace, flux: bool, device: torch.device) ->
                      check_content=False)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every number in range, before anything is loaded; ``ValueError`` with one line otherwise."""
+    crop = args.reference_crop
+    checks = [(args.batch_size >= 1, f"--batch-size must be ≥ 1 (got {args.batch_size})"),
+              (args.resolution >= 8, f"--resolution must be ≥ 8 (got {args.resolution}): the VAE works on 8-pixel blocks"),
+              (args.clip_image_size >= 1, f"--clip-image-size must be ≥ 1 (got {args.clip_image_size})"),
+              (args.max_image_pixels >= 1, f"--max-image-pixels must be ≥ 1 (got {args.max_image_pixels})"),
+              (args.reference_views >= 0, f"--reference-views must be ≥ 0 (got {args.reference_views})"),
+              (args.reference_shuffle_grid >= 1, f"--reference-shuffle-grid must be ≥ 1 (got {args.reference_shuffle_grid})"),
+              (0 <= args.reference_flip_prob <= 1, f"--reference-flip-prob must be in [0, 1] (got {args.reference_flip_prob})"),
+              (crop is None or 0 < crop[0] <= crop[1] <= 1, f"--reference-crop {crop}: give LOW HIGH with 0 < LOW ≤ HIGH ≤ 1")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def cache_difference(found: dict, identity: dict) -> str | None:
+    """'dtype: cache 'fp16', this run 'bf16'' for the first setting the cache in --out was made with otherwise."""
+    mismatch = identity_mismatch(found, identity)
+    if mismatch:
+        return mismatch
+    for key in ("dtype", "encode_batch_size", "reference"):
+        if found.get(key) != identity[key]:
+            return f"{key}: cache {found.get(key)!r}, this run {identity[key]!r}"
+    return None
+
+
+def existing_cache(out: Path) -> Manifest | None:
+    """The manifest of a cache in ``out`` that holds shards; None when there is none (a failed start doesn't count)."""
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None or not (manifest.complete or any(out.glob("*.tar"))):
+        return None
+    return manifest if isinstance(manifest.options.get("cache"), dict) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry; exit status 2 with one line on a usage mistake."""
+    """Command-line entry; exit status 2 with one line on a usage mistake, an unusable base or --out."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
-        urls = expand_shards(args.shards)
-        buckets = parse_buckets(args.buckets, args.resolution)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        return run(args)
+    except (ValueError, OSError, OutputPathError) as err:  # BaseModelError, bad --shards or --out, full disk
+        print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Cache every shard of ``--shards`` in ``--out`` (what ``main`` does, raising instead of printing)."""
+    check_args(args)
+    urls = expand_shards(args.shards)
+    buckets = parse_buckets(args.buckets, args.resolution)
     names = [os.path.basename(u) for u in urls]
     if len(set(names)) != len(names):
-        print("error: --shards lists two shards with the same file name; cache each folder separately", file=sys.stderr)
-        return 2
+        raise ValueError("--shards lists two shards with the same file name; cache each folder separately")
+    check_output_dir(args.out, f"--out {args.out}")
     from accelerate import PartialState
 
     state = PartialState()
     flux = is_flux_base(args.base)
     if flux and args.adapter_type != "ip_adapter":
-        print(f"error: FLUX adapters read image_embeds; --adapter-type {args.adapter_type} is for SDXL/SD 1.5 bases",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"FLUX adapters read image_embeds; --adapter-type {args.adapter_type} is for SDXL/SD 1.5 bases")
     log.info(configure_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=state.device.type))
     base = load_encoders(args, flux, state.device)
     embeds, pooled = empty_prompt(base, args.batch_size)
@@ -278,21 +319,16 @@ def main(argv: list[str] | None = None) -> int:
                               dtype=args.dtype, encode_batch_size=args.batch_size,
                               scaling_factor=float(base.vae.config.scaling_factor),
                               shapes=tensor_shapes(base, args, embeds, pooled), reference=reference_identity(args))
-    found = read_identity(args.out)
-    mismatch = found and (identity_mismatch(found, identity) or
-                          (found.get("dtype"), found.get("encode_batch_size"), found.get("reference"))
-                          != (args.dtype, args.batch_size, identity["reference"]))
+    found = existing_cache(args.out)
+    mismatch = found and cache_difference(found.options["cache"], identity)
     if mismatch:
-        print(f"error: {args.out} holds a cache made differently ({mismatch}); use another --out", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.out} holds a cache made differently ({mismatch}); use another --out")
     if state.is_main_process:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_manifest(args.out, Manifest(options={"cache": identity}))
-        save_empty_prompt(args.out, embeds.to(DTYPES[args.dtype]), None if pooled is None else pooled.to(DTYPES[args.dtype]))
+        start_cache(args, identity, found, names, (embeds, pooled))
     state.wait_for_everyone()
-    mine = urls[state.process_index::state.num_processes]
     done = 0
-    for url in tqdm(mine, desc=f"precompute rank {state.process_index}", unit="shard"):
+    for url in tqdm(urls[state.process_index::state.num_processes], desc=f"precompute rank {state.process_index}",
+                    unit="shard"):
         target = args.out / os.path.basename(url)
         if target.exists():
             continue  # written atomically: a file there is a finished shard
@@ -301,10 +337,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after and done >= args.stop_after:
             return 0
     state.wait_for_everyone()
-    if state.is_main_process:
-        records = [ShardRecord(n, count_samples(args.out / n), (args.out / n).stat().st_size) for n in names]
-        write_manifest(args.out, Manifest(records, complete=True, options={"cache": identity}))
-        log.info("cached %d samples in %d shards at %s", sum(r.num_samples for r in records), len(records), args.out)
+    return finish_cache(args, identity, names) if state.is_main_process else 0
+
+
+def start_cache(args: argparse.Namespace, identity: dict, found: Manifest | None, names: list[str],
+                empty: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """The manifest (incomplete) and the empty prompt's embeddings, before any shard.
+
+    A finished cache's manifest keeps its sample counts while a re-run has nothing to add, so killing
+    that re-run loses nothing; with shards to add, the counts of the shards already there are kept.
+    """
+    make_output_dir(args.out, f"--out {args.out}")
+    if found is None or not all((args.out / n).exists() for n in names):
+        kept = [] if found is None else [r for r in found.shards if (args.out / r.name).exists()]
+        write_manifest(args.out, Manifest(kept, options={"cache": identity}))
+    embeds, pooled = empty
+    dtype = DTYPES[args.dtype]
+    save_empty_prompt(args.out, embeds.to(dtype), None if pooled is None else pooled.to(dtype))
+
+
+def finish_cache(args: argparse.Namespace, identity: dict, names: list[str]) -> int:
+    """The complete manifest with every shard's sample count; exit status 2 when nothing could be cached."""
+    records = [ShardRecord(n, count_samples(args.out / n), (args.out / n).stat().st_size) for n in names]
+    total = sum(r.num_samples for r in records)
+    write_manifest(args.out, Manifest(records, complete=True, options={"cache": identity}))
+    if total == 0:
+        print(f"error: no sample of --shards {args.shards} could be read; check them with "
+              f"python -m data_tools.check_shards", file=sys.stderr)
+        return 2
+    log.info("cached %d samples in %d shards at %s", total, len(records), args.out)
     return 0
 
 

@@ -183,13 +183,11 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path` via a new temp file and rename (``instantstyle.safe_paths``): readers never see half
+    a file, and only a regular file or a new name is replaced; ``OutputPathError`` (one line) when it cannot be."""
+    from instantstyle.safe_paths import write_atomic as safe_write
+
+    safe_write(path, data, "shard output")
 
 
 def write_shard(path: Path, samples: list[Sample]) -> int:

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data_tools.shards import Manifest, Sample, ShardRecord, sample_key, shard_name, write_manifest, write_shard
+from instantstyle.errors import OutputPathError
 from instantstyle.generate import HelpFormatter
+from instantstyle.safe_paths import make_output_dir
 
 RGB = tuple[int, int, int]
 
@@ -271,8 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", choices=CAPTION_KINDS, default="full",
                         help="full: content and usually style; content: only the object")
     args = parser.parse_args(argv)
-    manifest = write_synthetic_shards(args.out, args.num, args.size, args.seed, args.per_shard, args.format,
-                                      args.captions)
+    try:
+        make_output_dir(args.out, f"--out {args.out}")
+        manifest = write_synthetic_shards(args.out, args.num, args.size, args.seed, args.per_shard, args.format,
+                                          args.captions)
+    except OutputPathError as err:  # --out a file, a device, under /proc; a full disk
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     shards = len(manifest.shards)
     print(f"wrote {manifest.num_samples} samples in {shards} shard{'s' * (shards != 1)} to {args.out}")
 

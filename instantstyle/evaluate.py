@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .baselines import NOISE, metric_baselines
-from .errors import GenerationError
+from .errors import GenerationError, OutputPathError
 from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
+from .safe_paths import check_output_dir, make_output_dir, save_image, write_atomic
 from .grid import make_grid
 from .threads import configure_cpu_threads
 
@@ -273,9 +274,12 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, samples: list[dict], refs: Sequence[StyleReference], config: EvalConfig,
                  out_dir: Path) -> None:
     """metrics.json, metrics.md and grid.png (rows: setting × style × seed; columns: reference, prompts)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "metrics.md").write_text(markdown_table(report))
+    try:
+        make_output_dir(out_dir, "report folder")
+        write_atomic(out_dir / "metrics.json", json.dumps(report, indent=2), "report")
+        write_atomic(out_dir / "metrics.md", markdown_table(report), "report")
+    except OutputPathError as err:
+        raise GenerationError(str(err)) from None
     by_ref = {r.name: r.image for r in refs}
     settings = {s["name"]: s for s in report["settings"]}
     cols = len(config.prompts)
@@ -286,7 +290,10 @@ def write_report(report: dict, samples: list[dict], refs: Sequence[StyleReferenc
         row_labels.append(row_label(settings[first["setting"]], first["style"], first["seed"]))
     grid = make_grid(tiles, rows=len(row_labels), cols=cols + 1, cell=config.cell,
                      column_labels=["reference", *config.prompts], row_labels=row_labels)
-    grid.save(out_dir / "grid.png")
+    try:
+        save_image(grid, out_dir / "grid.png", "report grid")
+    except OutputPathError as err:
+        raise GenerationError(str(err)) from None
 
 
 def row_label(setting: dict, style: str, seed: int) -> str:
@@ -382,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
+        check_output_dir(args.out, f"--out {args.out}")  # before hours of generation
         report = run(args)
+    except OutputPathError as err:
+        return report_error(err)
     except GenerationError as err:  # its own clause: argument errors need not import the ML libraries
         return report_error(err)
     except user_errors() as err:

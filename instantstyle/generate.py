@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .blocks import UnknownBlockError, resolve_blocks
-from .errors import AdapterFileError, GenerationError
+from .errors import AdapterFileError, GenerationError, OutputPathError
 from .grid import make_grid
+from .safe_paths import check_output_dir, check_output_file, save_image
 from .threads import configure_cpu_threads
 
 # torch, diffusers and transformers load inside the functions that use them, so that --help and
@@ -299,6 +300,13 @@ def check_args(args: argparse.Namespace) -> None:
         existing = existing.parent  # the folder is made before writing; the nearest existing part must be one
     if not existing.is_dir():
         raise GenerationError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    try:  # never a device, a symlink's target or a path under /proc
+        check_output_dir(out.parent, f"--out folder {out.parent}")
+        if out.parent.is_dir():
+            for path in [out, *output_paths(out, len(args.prompt) * args.num_images)]:
+                check_output_file(path, "--out")
+    except OutputPathError as err:
+        raise GenerationError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -326,10 +334,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out, len(images))
-    if len(images) > 1:
-        make_grid(images, rows=len(args.prompt), cols=args.num_images).save(out)
-    for image, path in zip(images, paths):
-        image.save(path)
+    try:
+        if len(images) > 1:
+            save_image(make_grid(images, rows=len(args.prompt), cols=args.num_images), out, "--out")
+        for image, path in zip(images, paths):
+            save_image(image, path, "--out")
+    except OutputPathError as err:  # a full disk, or the path changed while generating
+        raise GenerationError(str(err)) from None
     return [out] + ([] if len(images) == 1 else paths)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import uuid
 from pathlib import Path
 
 from .errors import OutputPathError
@@ -97,8 +96,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, what: str = "output
     """
     path = check_output_file(path, what)
     blob = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # one fixed name: a killed writer's leftover is replaced next time
     try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # removes a planted symlink itself, never its target
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
         try:
             view = memoryview(blob)
@@ -129,3 +130,18 @@ def open_lock_file(path: str | os.PathLike, what: str = "lock file") -> int:
         os.close(fd)
         raise OutputPathError(f"{what} {path} is not a regular file; remove it")
     return fd
+
+
+def save_image(image, path: str | os.PathLike, what: str = "image") -> Path:
+    """Save a PIL image through ``write_atomic`` (format from the suffix): never over a device or a symlink."""
+    import io
+
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise OutputPathError(f"{what} {path}: unknown image suffix {path.suffix!r}; use .png, .jpg or .webp")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return write_atomic(path, buffer.getvalue(), what)

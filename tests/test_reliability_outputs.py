@@ -227,3 +227,34 @@ def test_a_refused_second_run_leaves_the_first_runs_hydra_record(tiny_model_dir,
         holder.release()
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: output_dir"), proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# --- generate, evaluate, make_shards, synthetic -------------------------------------------------------
+
+def test_generate_never_writes_through_a_symlink(tmp_path, capsys):
+    from instantstyle.generate import main as generate_main
+
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep")
+    (tmp_path / "out.png").symlink_to(victim)
+    style = tmp_path / "style.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(style)
+    rc = generate_main(["--base", "unused", "--adapter", "unused.safetensors", "--style-image", str(style),
+                        "--prompt", "a cat", "--out", str(tmp_path / "out.png")])
+    assert_one_line(rc, capsys.readouterr().err, "symlink")
+    assert victim.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("module", ["instantstyle.evaluate", "data_tools.synthetic", "data_tools.make_shards"])
+def test_tools_refuse_an_output_folder_under_proc(module, tmp_path):
+    args = {"instantstyle.evaluate": ["--base", "x", "--adapter", "x.safetensors", "--styles", str(tmp_path),
+                                      "--prompts", "a", "--out", "/proc/report"],
+            "data_tools.synthetic": ["--out", "/proc/shards", "--num", "2"],
+            "data_tools.make_shards": ["--input", str(tmp_path), "--out", "/proc/shards"]}[module]
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: ") and "under /proc" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
