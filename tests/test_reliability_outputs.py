@@ -258,3 +258,19 @@ def test_tools_refuse_an_output_folder_under_proc(module, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("error: ") and "under /proc" in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_immutable_lock_is_one_line(tmp_path, monkeypatch):
+    """chattr +i makes opening for writing fail with EPERM, even as root."""
+    (tmp_path / ".lock").write_text("")
+    real_open = os.open
+
+    def immutable(path, flags, *args):
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", immutable)
+    with pytest.raises(CheckpointError, match="Operation not permitted") as err:
+        RunLock(tmp_path).acquire()
+    assert "\n" not in str(err.value)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from instantstyle.models import BaseModel
+from instantstyle.safe_paths import write_atomic
 from train.checkpoint import (CheckpointError, CheckpointManager, check_compatible, gather_json, load_parts,
                               verify_checkpoint)
 from train.checks import Settings, check_config, target_blocks
@@ -288,7 +289,7 @@ def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, 
         restore(run, folder)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(run.config_yaml)
+        write_atomic(run_dir / "config.yaml", run.config_yaml, "run config")  # never through a planted symlink
     accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
     fit(run, manager)
     if not run.summary.get("preempted"):
@@ -297,7 +298,7 @@ def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, 
             if accelerator.is_main_process:
                 run.summary["export"] = str(export_final(run))
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(run.summary, indent=2), "run summary")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
