@@ -8,7 +8,6 @@ non-finite and exploded tensors; generate warns about a file that holds them.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest

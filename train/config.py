@@ -2,15 +2,15 @@
 
 Each dataclass is registered with Hydra's ConfigStore and ``configs/train.yaml`` starts from
 ``train_schema``, so the YAML files only choose and override: an unknown key or a value of
-the wrong type fails while composing, and ``__post_init__`` range checks fail when a section
-becomes typed (``settings``). Every failure is a ``ConfigError`` whose message is one line.
+the wrong type fails while composing. A number's range is declared beside its default
+(``ranged(42, ge=0)``, train/ranges.py) and checked, with every other value rule, in the
+section's ``__post_init__`` when it becomes typed (``section``). Every failure is a ``ConfigError`` whose message is one line.
 This module imports no torch or diffusers, so config mistakes are reported in about a second.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional
@@ -20,6 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.cache_settings import register_cache_resolver
+from train.errors import ConfigError
+from train.ranges import check_ranges, ranged
 
 
 def _config_dir() -> Path:
@@ -40,71 +42,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisa
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SHARDS_REQUIRED = ("data.shards is required, e.g. data.shards='DIR/*.tar' (python -m data_tools.synthetic "
                    "--out DIR --num 64 makes some)")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one actionable line."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a number field (or each number of a list field) may take; declared beside its default."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    length: int | None = None   # a list field: exactly this many numbers
-    hint: str = ""               # appended to the message, e.g. "0 = only at the end"
-
-    def admits(self, value: float) -> bool:
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
-
-    def describe(self) -> str:
-        """"≥ 1", "> 0", "in [0, 1)" …"""
-        low, high = _num(self.ge if self.ge is not None else self.gt), _num(self.le if self.le is not None else self.lt)
-        if low and high:
-            return f"in {'[' if self.ge is not None else '('}{low}, {high}{']' if self.le is not None else ')'}"
-        if low:
-            return f"{'≥' if self.ge is not None else '>'} {low}"
-        return f"{'≤' if self.le is not None else '<'} {high}" if high else "a finite number"
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return ""
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
-
-
-def ranged(default: Any, **bounds: Any) -> Any:
-    """A dataclass field with a ``Range`` (lists get a default factory): ``seed: int = ranged(42, ge=0)``."""
-    meta = {"range": Range(**bounds)}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def check_ranges(section_obj: Any, group: str) -> None:
-    """Every number of a schema section is finite and inside its declared ``Range``; else one ``ConfigError``.
-
-    The one place value ranges are checked: a field declares its range, this enforces it (inf and NaN are
-    refused everywhere: no setting means them).
-    """
-    for f in fields(section_obj):
-        value, rule = getattr(section_obj, f.name), f.metadata.get("range")
-        numbers = list(value) if isinstance(value, (list, tuple)) else [value]
-        numbers = [v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        key = f"{group}.{f.name}"
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            raise ConfigError(f"{key} must be a finite number (got {value!r})")
-        if rule is None or value is None:
-            continue
-        if rule.length is not None and len(numbers) != rule.length:
-            raise ConfigError(f"{key} must be {rule.length} numbers {rule.describe()} (got {value!r})")
-        if not all(rule.admits(v) for v in numbers):
-            hint = f"; {rule.hint}" if rule.hint else ""
-            raise ConfigError(f"{key} must be {rule.describe()} (got {value!r}){hint}")
 
 
 def require(checks: list[tuple[bool, str]]) -> None:
