@@ -8,12 +8,12 @@ ComfyUI_IPAdapter_plus to inject into exactly the trained blocks.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, select_layers
 from .model_ids import is_hub_id
+from .safe_paths import write_atomic
 
 CARD_NAME, RECORD_NAME, SAMPLES_NAME = "README.md", "training.json", "samples.png"
 RECORD_FORMAT = "instantstyle-training-record"
@@ -91,10 +91,10 @@ def usage_for_unet(unet, spec) -> dict:
 def write_share_files(folder: Path, record: dict, samples: Path | None = None) -> None:
     """README.md, training.json and (when a grid exists) samples.png in the export folder."""
     record = {**record, "samples": SAMPLES_NAME if samples is not None else None}
-    if samples is not None:
-        shutil.copyfile(samples, folder / SAMPLES_NAME)
-    (folder / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    (folder / CARD_NAME).write_text(render_card(record))
+    if samples is not None:  # never over a device or through a symlink planted in the folder
+        write_atomic(folder / SAMPLES_NAME, samples.read_bytes(), "samples grid")
+    write_atomic(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n", "training record")
+    write_atomic(folder / CARD_NAME, render_card(record), "model card")
 
 
 def render_card(record: dict) -> str:

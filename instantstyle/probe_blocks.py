@@ -20,6 +20,7 @@ enabled), ``probe.md`` (the table), ``probe.png`` (bar chart) and ``grid.png``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from .evaluate import (
 )
 from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, user_errors
+from .safe_paths import write_atomic
 
 # diffusers, transformers and the metrics load inside the functions that use them, so --help is instant.
 if TYPE_CHECKING:
@@ -174,9 +176,10 @@ def bar_chart(report: dict, path: str | Path) -> Path:
     ax.set_title("One block at a time: style transferred vs. content leaked")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return Path(path)
+    return write_atomic(path, buffer.getvalue(), "probe chart")
 
 
 def write_probe(report: dict, samples: list[dict], refs: Sequence[StyleReference], config: EvalConfig,
@@ -184,8 +187,8 @@ def write_probe(report: dict, samples: list[dict], refs: Sequence[StyleReference
     """probe.json, probe.md, probe.png, plus the evaluation's metrics files and grid."""
     out_dir = Path(out_dir)
     write_report(report, samples, refs, config, out_dir)
-    (out_dir / "probe.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "probe.md").write_text(probe_table(report))
+    write_atomic(out_dir / "probe.json", json.dumps(report, indent=2), "probe report")
+    write_atomic(out_dir / "probe.md", probe_table(report), "probe report")
     bar_chart(report, out_dir / "probe.png")
 
 

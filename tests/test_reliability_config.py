@@ -72,7 +72,7 @@ def test_output_dir_under_a_system_root_or_empty_is_one_line(tiny_model_dir, sha
     (MemoryError(), "out of memory: lower trainer.batch_size"),
     ("INSTANTIATION", "cannot build the thing"),
 ])
-def test_memory_and_builder_failures_end_in_one_line(monkeypatch, capsys, error, needle):
+def test_memory_and_builder_failures_end_in_one_line(monkeypatch, capsys, tmp_path, error, needle):
     from hydra.errors import InstantiationException
 
     import train.training
@@ -88,8 +88,9 @@ def test_memory_and_builder_failures_end_in_one_line(monkeypatch, capsys, error,
         raise error
 
     monkeypatch.setattr(train.training, "train", fail)
+    monkeypatch.setattr("train.sweep_points.hand_over_to_launch_sh", lambda output_dir: None)  # not a sweep point
     with pytest.raises(SystemExit) as exit_info:
-        main(compose(["model.path=x", "data.shards=x"]))
+        main(compose(["model.path=x", "data.shards=x", f"output_dir={tmp_path}"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
 

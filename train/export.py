@@ -104,7 +104,8 @@ def check_out(out: Path) -> None:
         raise CheckpointError(f"--out {folder} is a file; give a folder or a name ending in .safetensors")
     try:  # never a device (--out /dev/null), a symlink's target or a path under /proc
         check_output_dir(folder, "--out folder")
-        check_output_file(weights_path(out), "--out")
+        if folder.is_dir():  # a folder still to be made holds nothing to replace
+            check_output_file(weights_path(out), "--out")
     except OutputPathError as err:
         raise CheckpointError(str(err)) from None
 
