@@ -131,10 +131,6 @@ def main(cfg: DictConfig) -> None:
         cause = err.__cause__ or err
         report_error((str(cause).splitlines() or [type(cause).__name__])[0])
         sys.exit(2)
-    except InstantiationException as err:  # a builder failed on a value the checks could not foresee
-        cause = err.__cause__ or err
-        print(f"error: {(str(cause).splitlines() or [type(cause).__name__])[0]}", file=sys.stderr)
-        sys.exit(2)
     except (MemoryError, torch.OutOfMemoryError):  # host RAM or the GPU's
         report_error("out of memory: lower trainer.batch_size or data.resolution, or raise "
                      "trainer.gradient_accumulation_steps")
