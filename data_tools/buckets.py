@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from data_tools.transforms import nearest_bucket  # noqa: F401 (which bucket an image takes is a transform; importable here too)
+from data_tools.transforms import nearest_bucket
 
 Size = tuple[int, int]  # (width, height)
 STEP = 64  # every side a multiple of 64: the VAE (÷8) and the UNet's downsamplers (÷8) divide it

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from data_tools.buckets import bucket_histogram, format_histogram, sdxl_buckets
-from data_tools.shards import (BadSample, NotATar, TruncatedTar, decode_caption, decode_meta, decode_rgb,
-                               expand_shards, image_member, iter_samples, manifest_counts, open_image, open_shard)
+from data_tools.decode import BadSample, decode_caption, decode_meta, decode_rgb, image_member, open_image
+from data_tools.shards import NotATar, TruncatedTar, expand_shards, iter_samples, manifest_counts, open_shard
 from instantstyle.generate import HelpFormatter
 
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy")

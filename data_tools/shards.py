@@ -31,10 +31,6 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from braceexpand import braceexpand
 
-# Decoding lives in data_tools.decode; its names stay importable from here for callers written before the split.
-from data_tools.decode import (BadSample, decode_caption, decode_meta, decode_rgb, image_member,  # noqa: F401
-                               open_image, upright_size)
-
 
 # --- locating shards -------------------------------------------------------
 

@@ -174,7 +174,8 @@ def test_plus_adapter_matches_stock_and_refuses_content(tiny_model_dir, tmp_path
 def test_webdataset_reads_our_shards(shards):
     import webdataset as wds
 
-    from data_tools.shards import decode_caption, decode_meta, image_member, iter_samples, open_image, open_shard
+    from data_tools.decode import decode_caption, decode_meta, image_member, open_image
+    from data_tools.shards import iter_samples, open_shard
 
     ours = {}
     for shard in sorted(Path(shards).glob("*.tar")):

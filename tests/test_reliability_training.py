@@ -25,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_tools.shards import BadSample, Sample, TruncatedTar, decode_meta, expand_shards, iter_samples, tar_bytes
+from data_tools.decode import BadSample, decode_meta
+from data_tools.shards import Sample, TruncatedTar, expand_shards, iter_samples, tar_bytes
 from tests.helpers import tiny_overrides
 from tests.test_data_loader import data_cfg, good_sample, keys_of, make_dataset, png_bytes, take
 from train.checkpoint import CheckpointError, CheckpointManager

@@ -65,7 +65,8 @@ def log_bucket_histogram(buckets: list[tuple[int, int]] | None, urls: list[str])
     from PIL import Image, UnidentifiedImageError
 
     from data_tools.buckets import bucket_histogram, format_histogram
-    from data_tools.shards import BadSample, TruncatedTar, image_member, iter_samples, open_shard
+    from data_tools.decode import BadSample, image_member
+    from data_tools.shards import TruncatedTar, iter_samples, open_shard
 
     if buckets is None or not urls or "://" in urls[0] or urls[0].startswith("pipe:"):
         return
