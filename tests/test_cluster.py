@@ -86,8 +86,8 @@ def test_base_is_loaded_first_by_each_nodes_local_main_process():
 
     accelerator = SimpleNamespace(device="cpu", local_main_process_first=lambda: first("local"),
                                   main_process_first=lambda: first("global"))
-    cfg = OmegaConf.create({"model": {"_target_": "builtins.dict"}})  # returns the builder's arguments
-    assert load_base_once(cfg, accelerator, torch.float16) == {"dtype": torch.float16, "device": "cpu", "encoders": True}
+    model = OmegaConf.create({"_target_": "builtins.dict"})  # returns the builder's arguments
+    assert load_base_once(model, accelerator, torch.float16) == {"dtype": torch.float16, "device": "cpu", "encoders": True}
     assert entered == ["local"]
 
 

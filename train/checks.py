@@ -13,13 +13,14 @@ import glob
 import importlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import (
+    GROUPS,
     SHARDS_REQUIRED,
     AdapterConfig,
     BlocksConfig,
@@ -40,17 +41,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    """The config, typed and checked: what ``train`` builds from."""
+    """The config, typed and checked: all that training reads once ``check_config`` has run."""
 
-    trainer: TrainerConfig
+    model: ModelConfig
+    adapter: AdapterConfig
+    blocks: BlocksConfig
     data: DataConfig
-    shard_urls: list[str]
+    optim: OptimConfig
+    logger: LoggerConfig
+    trainer: TrainerConfig
     validation: ValidationConfig
+    output_dir: str
+    resume: str | None
+    shard_urls: list[str] = field(default_factory=list)
     prompts: tuple[str, ...] = ()
     references: list = field(default_factory=list)  # instantstyle.evaluate.StyleReference, read once
     family: str | None = None  # the base's model family; None until the tiny base is built
-    blocks: list[str] | None = None  # the resolved block prefixes; None until the tiny base is built
+    target_blocks: list[str] | None = None  # the resolved block prefixes; None until the tiny base is built
     metric_encoders: dict = field(default_factory=dict)  # optional validation metrics (CSD, DINO), loaded once
+
+    def record(self) -> dict:
+        """The settings as one plain mapping: RUN/config.yaml, each checkpoint's copy, the trackers' hyperparameters."""
+        groups = {name: asdict(getattr(self, name)) for name in GROUPS}
+        return {**groups, "output_dir": self.output_dir, "resume": self.resume}
 
 
 def target_blocks(blocks: Any, family: str) -> list[str]:
@@ -70,9 +83,9 @@ def target_blocks(blocks: Any, family: str) -> list[str]:
     return resolve_blocks(blocks.preset, family)
 
 
-def check_optimizer(optim: DictConfig) -> None:
+def check_optimizer(optim: OptimConfig) -> None:
     """The optimizer class must import (bitsandbytes for adamw8bit)."""
-    target = str(optim.get("_target_", ""))
+    target = optim._target_
     module, _, name = target.rpartition(".")
     try:
         getattr(importlib.import_module(module), name)
@@ -129,7 +142,7 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def check_model(model_cfg: DictConfig, blocks: DictConfig,
+def check_model(model_cfg: ModelConfig | DictConfig, blocks: BlocksConfig | DictConfig,
                 clip_image_size: int) -> tuple[str | None, list[str] | None]:
     """The base exists, the target blocks exist in its UNet, the image encoder fits; (family, blocks)."""
     import torch
@@ -165,14 +178,13 @@ def check_model(model_cfg: DictConfig, blocks: DictConfig,
         raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
 
 
-def check_family_model(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig,
-                       data: DataConfig) -> tuple[str | None, list[str] | None]:
+def check_family_model(settings: Settings) -> tuple[str | None, list[str] | None]:
     """``check_model`` for UNet bases; FLUX bases have their own checks (train/flux_builders.py)."""
     from train.flux_builders import check_flux_config, is_flux
 
-    if is_flux(cfg.model):
-        return check_flux_config(cfg, trainer, validation)
-    return check_model(cfg.model, cfg.blocks, data.clip_image_size)
+    if is_flux(settings.model):
+        return check_flux_config(settings)
+    return check_model(settings.model, settings.blocks, settings.data.clip_image_size)
 
 
 def _check_image_encoder(model: ModelConfig, path: str, family: str, clip_image_size: int) -> None:
@@ -242,40 +254,36 @@ def check_config(cfg: DictConfig) -> Settings:
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
     check_known_keys(cfg)
-    check_output_dir(str(cfg.output_dir))
+    output_dir = str(cfg.output_dir)
+    check_output_dir(output_dir)
     trainer = resolve_precision(section(cfg.trainer, "trainer", TrainerConfig))  # "auto" → no/fp16/bf16
-    adapter_type = str(cfg.adapter.type)
-    if trainer.content_scale and adapter_type != "ip_adapter":
-        raise ConfigError(f"trainer.content_scale={trainer.content_scale} needs adapter=ip_adapter ({adapter_type} "
+    model, adapter, blocks, logger, optim = (section(cfg[name], name, GROUPS[name])  # their range checks
+                                             for name in ("model", "adapter", "blocks", "logger", "optim"))
+    if trainer.content_scale and adapter.type != "ip_adapter":
+        raise ConfigError(f"trainer.content_scale={trainer.content_scale} needs adapter=ip_adapter ({adapter.type} "
                           "reads the image encoder's hidden states, which are not in the text space)")
-    for name, schema in (("adapter", AdapterConfig), ("blocks", BlocksConfig), ("logger", LoggerConfig),
-                         ("optim", OptimConfig)):
-        section(cfg[name], name, schema)  # their range checks
     validation = section(cfg.get("validation"), "validation", ValidationConfig)
-    prompts, refs = read_validation(validation, adapter_type)
+    prompts, refs = read_validation(validation, adapter.type)
     encoders = load_validation_encoders(validation)
-    check_optimizer(cfg.optim)
+    check_optimizer(optim)
     data, urls = check_data(cfg.data)
-    check_resume(cfg.resume, str(cfg.output_dir))
-    family, blocks = check_family_model(cfg, trainer, validation, data)
+    resume = None if cfg.resume in (None, "none") else str(cfg.resume)  # one spelling of "fresh"
+    check_resume(resume, output_dir)
+    settings = Settings(model, adapter, blocks, data, optim, logger, trainer, validation, output_dir, resume,
+                        urls, prompts, refs, metric_encoders=encoders)
+    settings.family, settings.target_blocks = check_family_model(settings)
     if data.cached:  # the embedding cache must fit the model family, base, adapter and data config
         from instantstyle.models import locate_base
         from train.cached_data import check_cache
 
         # The base as it resolves (model=toy from any folder), as precompute recorded it.
-        check_cache(data, urls, model_path=locate_base(str(cfg.model.path)),
-                    image_encoder=cfg.model.get("image_encoder"), adapter_type=adapter_type, family=family)
-    init_from = cfg.adapter.get("init_from")
-    if init_from and not glob.glob(str(init_from)):
-        raise ConfigError(f"adapter.init_from={init_from}: file not found")
+        check_cache(data, urls, model_path=locate_base(model.path), image_encoder=model.image_encoder,
+                    adapter_type=adapter.type, family=settings.family)
+    if adapter.init_from and not glob.glob(adapter.init_from):
+        raise ConfigError(f"adapter.init_from={adapter.init_from}: file not found")
     if trainer.mixed_precision == "fp16":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    return Settings(trainer, data, urls, validation, prompts, refs, family, blocks, encoders)
-
-
-def validate_config(cfg: DictConfig) -> TrainerConfig:
-    """Check the whole config; returns the typed trainer section or raises ``ConfigError``."""
-    return check_config(cfg).trainer
+    return settings

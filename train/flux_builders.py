@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
-
 from instantstyle.flux_blocks import flux_block_indices, flux_block_name, resolve_flux_blocks
-from train.config import BlocksConfig, ConfigError, ModelConfig, TrainerConfig, ValidationConfig, section
+from train.config import BlocksConfig, ConfigError, ModelConfig, section
+
+if TYPE_CHECKING:
+    from train.checks import Settings
 
 FLUX_BUILDER = "train.flux_builders.build_flux_base"  # the model group's _target_ that means "a FLUX base"
 NO_RESAMPLER = "0"  # checkpoint identities name a resampler width; FLUX adapters have none
 
 
-def is_flux(model_cfg: Any) -> bool:
+def is_flux(model: ModelConfig) -> bool:
     """True when the ``model`` group builds a FLUX base (its ``_target_`` is this module's builder)."""
-    return str(model_cfg.get("_target_", "")) == FLUX_BUILDER
+    return model._target_ == FLUX_BUILDER
 
 
 def build_flux_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = False,
@@ -88,20 +89,20 @@ def chosen_double_blocks(transformer, blocks: list[str], num_tokens: int) -> lis
         raise ConfigError(str(err)) from None
 
 
-def check_flux_options(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig) -> None:
+def check_flux_options(settings: Settings) -> None:
     """Settings that mean nothing (or are not built) for a FLUX base: one line each."""
-    model = section(cfg.model, "model", ModelConfig)
+    adapter, trainer = settings.adapter, settings.trainer
     refusals = [
-        (cfg.adapter.type != "ip_adapter", f"adapter.type={cfg.adapter.type} is not available for model=flux: "
+        (adapter.type != "ip_adapter", f"adapter.type={adapter.type} is not available for model=flux: "
          "the stock FLUX IP-Adapter format has no resampler; use adapter=ip_adapter"),
-        (model.check_content_space, "model=flux has no shared text-image space (its CLIP text encoder has no "
-         "projection), so content subtraction is unavailable; set model.check_content_space=false"),
+        (settings.model.check_content_space, "model=flux has no shared text-image space (its CLIP text encoder has "
+         "no projection), so content subtraction is unavailable; set model.check_content_space=false"),
         (trainer.content_scale != 0, "trainer.content_scale needs a shared text-image space, which model=flux "
          "lacks; set trainer.content_scale=0"),
         (trainer.snr_gamma is not None, "trainer.snr_gamma weights a noise-prediction loss; FLUX's rectified-flow "
          "loss is unweighted: set trainer.snr_gamma=null"),
         (trainer.noise_offset != 0, "trainer.noise_offset is not implemented for model=flux; set trainer.noise_offset=0"),
-        (validation.styles is not None, "validation generation is not wired for model=flux yet; set "
+        (settings.validation.styles is not None, "validation generation is not wired for model=flux yet; set "
          "validation.styles=null (trainer.validate_every still logs a fixed-batch loss)"),
     ]
     for refused, message in refusals:
@@ -109,13 +110,12 @@ def check_flux_options(cfg: DictConfig, trainer: TrainerConfig, validation: Vali
             raise ConfigError(message)
 
 
-def check_flux_model(model_cfg: DictConfig, blocks: DictConfig, num_tokens: int) -> tuple[str, list[str] | None]:
+def check_flux_model(model: ModelConfig, blocks: BlocksConfig, num_tokens: int) -> tuple[str, list[str] | None]:
     """The FLUX base exists, the target blocks exist in it, the image encoder reads; ("flux", blocks)."""
     from transformers import CLIPVisionConfig
 
     from instantstyle.models import BaseModelError, resolve_image_encoder
 
-    model = section(model_cfg, "model", ModelConfig)
     names = flux_target_blocks(blocks)
     if model.build_if_missing and not Path(model.path, "transformer").is_dir():
         return "flux", None  # the tiny FLUX base is built on first use; its blocks are checked then
@@ -130,10 +130,10 @@ def check_flux_model(model_cfg: DictConfig, blocks: DictConfig, num_tokens: int)
     return "flux", [flux_block_name(i) for i in chosen_double_blocks(transformer, names, num_tokens)]
 
 
-def check_flux_config(cfg: DictConfig, trainer: TrainerConfig, validation: ValidationConfig) -> tuple[str, list[str] | None]:
+def check_flux_config(settings: Settings) -> tuple[str, list[str] | None]:
     """Everything ``check_config`` checks about the model when it is a FLUX base."""
-    check_flux_options(cfg, trainer, validation)
-    return check_flux_model(cfg.model, cfg.blocks, int(cfg.adapter.num_tokens))
+    check_flux_options(settings)
+    return check_flux_model(settings.model, settings.blocks, settings.adapter.num_tokens)
 
 
 def build_flux_adapter(base, *, blocks: list[str], num_tokens: int, init_from: str | None = None):

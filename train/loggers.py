@@ -11,13 +11,12 @@ import logging
 import netrc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,8 @@ def wandb_key_available() -> bool:
     return False
 
 
-def loggable_config(cfg: DictConfig) -> dict:
-    """The resolved config as flat key -> value (what trackers show as hyperparameters)."""
+def loggable_config(record: Mapping) -> dict:
+    """The run's settings (``Settings.record()``) as flat key -> value (what trackers show as hyperparameters)."""
     flat: dict = {}
 
     def walk(node, prefix: str) -> None:
@@ -76,7 +75,7 @@ def loggable_config(cfg: DictConfig) -> dict:
         else:
             flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else json.dumps(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(record, "")
     return flat
 
 

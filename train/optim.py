@@ -7,18 +7,17 @@ from collections.abc import Iterable
 import torch
 from diffusers.optimization import get_scheduler
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
-from train.config import TrainerConfig
+from train.config import OptimConfig, TrainerConfig
 
 # Our schedule names -> diffusers' (every one warms up linearly first).
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
-def build_optimizer(optim_cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """Instantiate the configured optimizer over ``params`` (only the adapter's)."""
-    return instantiate(optim_cfg)(list(params))
+    return instantiate(optim)(list(params))
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> LambdaLR:

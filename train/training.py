@@ -23,7 +23,7 @@ from train.checkpoint import (CheckpointError, CheckpointManager, check_compatib
 from train.checks import Settings, check_config, target_blocks
 from train.cached_validation import HOST, park_encoders
 from train.compiling import choose_cudnn_benchmark, compile_denoiser
-from train.config import DataConfig, TrainerConfig, resolve_precision
+from train.config import DataConfig, ModelConfig, TrainerConfig, resolve_precision
 from train.data import build_train_loader
 from train.ema import EMA
 from train.families import adapted_model, adapter_identity, denoiser, export_adapter, task_for
@@ -71,14 +71,14 @@ def check_distributed(backend: str | None, num_processes: int) -> bool:
     return backend == "FSDP" and num_processes > 1
 
 
-def load_base_once(cfg: DictConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True,
+def load_base_once(model: ModelConfig, accelerator: Accelerator, dtype: torch.dtype, encoders: bool = True,
                    device: torch.device | None = None) -> BaseModel:
     """Each node's first process first, so a missing tiny base (or a download) is made once per node.
 
     Per node, not global rank 0: on several machines each has its own disk and Hugging Face cache.
     """
     with accelerator.local_main_process_first():
-        return instantiate(cfg.model, dtype=dtype, device=device or accelerator.device, encoders=encoders)
+        return instantiate(model, dtype=dtype, device=device or accelerator.device, encoders=encoders)
 
 
 def fixed_shapes(data: DataConfig) -> bool:
@@ -87,13 +87,13 @@ def fixed_shapes(data: DataConfig) -> bool:
     return str(buckets).lower() == "none" if isinstance(buckets, str) else len(buckets) == 1
 
 
-def load_frozen_base(cfg: DictConfig, settings: Settings, accelerator: Accelerator) -> BaseModel:
+def load_frozen_base(settings: Settings, accelerator: Accelerator) -> BaseModel:
     """The base as the data needs it: every encoder for live encoding; for an embedding cache the UNet on the
     device, plus (when validation makes images) the encoders in host memory, moved in for validation only."""
     cached, validates = settings.data.cached, settings.validation.enabled
     if not cached or not validates:  # an embedding cache without validation needs the UNet only
-        return load_base_once(cfg, accelerator, settings.trainer.weight_dtype, encoders=not cached)
-    base = load_base_once(cfg, accelerator, settings.trainer.weight_dtype, encoders=True, device=HOST)
+        return load_base_once(settings.model, accelerator, settings.trainer.weight_dtype, encoders=not cached)
+    base = load_base_once(settings.model, accelerator, settings.trainer.weight_dtype, encoders=True, device=HOST)
     park_encoders(base)
     base.unet.to(accelerator.device)
     return base
@@ -116,21 +116,21 @@ def prepare_model(base: BaseModel, adapter: torch.nn.Module, optimizer: torch.op
     return model, optimizer
 
 
-def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run_dir: Path,
-              shard: bool = False) -> Run:
+def build_run(settings: Settings, accelerator: Accelerator, run_dir: Path, shard: bool = False) -> Run:
     """Frozen base, adapter, optimizer, schedule, EMA, data: the whole run, before resuming."""
     trainer = settings.trainer
     set_seed(trainer.seed)  # same adapter init on every rank
-    base = load_frozen_base(cfg, settings, accelerator)
+    base = load_frozen_base(settings, accelerator)
     if trainer.mixed_precision == "fp16":
         base.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     if trainer.gradient_checkpointing:
         denoiser(base).enable_gradient_checkpointing()
-    blocks = settings.blocks if settings.blocks is not None else target_blocks(cfg.blocks, base.family)
-    adapter = instantiate(cfg.adapter)(base, blocks=blocks)
+    blocks = settings.target_blocks if settings.target_blocks is not None else target_blocks(settings.blocks,
+                                                                                              base.family)
+    adapter = instantiate(settings.adapter)(base, blocks=blocks)
     if trainer.channels_last:  # NHWC weights: faster convolutions on tensor cores
         denoiser(base).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, adapter.parameters())
+    optimizer = build_optimizer(settings.optim, adapter.parameters())
     lr_scheduler = build_lr_scheduler(optimizer, trainer)
     model, optimizer = prepare_model(base, adapter, optimizer, accelerator, shard, compile_unet=trainer.compile)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -139,9 +139,9 @@ def build_run(cfg: DictConfig, settings: Settings, accelerator: Accelerator, run
     loader = build_train_loader(settings.data, batch_size=trainer.batch_size, seed=trainer.seed, rank=rank,
                                 world_size=world, urls=settings.shard_urls)
     # The configured base, not the path it resolved to: a run resumed from another folder is the same run.
-    identity = {**adapter_identity(base, adapter), "base_model": str(cfg.model.path), "world_size": world}
+    identity = {**adapter_identity(base, adapter), "base_model": settings.model.path, "world_size": world}
     return Run(accelerator, settings, base, adapter, model, task, optimizer, lr_scheduler, loader, generator,
-               EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(cfg, resolve=True),
+               EMA(adapter, trainer.ema) if trainer.ema else None, run_dir, OmegaConf.to_yaml(settings.record()),
                identity)
 
 
@@ -256,9 +256,9 @@ def train(cfg: DictConfig) -> Run | None:
 
     None when ``output_dir`` already holds this run finished (resume=auto): nothing is trained again.
     """
-    settings = check_config(cfg)
-    run_dir = Path(cfg.output_dir)
-    trackers = instantiate(cfg.logger, run_dir=str(run_dir))
+    settings = check_config(cfg)  # from here on, only the typed settings are read
+    run_dir = Path(settings.output_dir)
+    trackers = instantiate(settings.logger, run_dir=str(run_dir))
     backend = take_over_sharding()  # before the Accelerator, which then runs data parallel underneath
     accelerator = make_accelerator(settings.trainer, trackers, run_dir)
     enable_tf32(settings.trainer)
@@ -267,30 +267,30 @@ def train(cfg: DictConfig) -> Run | None:
     manager = CheckpointManager(run_dir / "checkpoints", settings.trainer.checkpoints_to_keep)
     lock = RunLock(run_dir)  # held by the main process until train returns (or the process dies)
     try:
-        start = checkpoint_to_resume(cfg.resume, manager, accelerator, lambda: claim_run_dir(
-            lock, manager, cfg.resume, settings.trainer.max_steps))
+        start = checkpoint_to_resume(settings.resume, manager, accelerator, lambda: claim_run_dir(
+            lock, manager, settings.resume, settings.trainer.max_steps))
         if start.done:
             log.info("already done: %s (step %d)", run_dir / EXPORT_NAME, start.step)
             return None
-        return run_training(cfg, settings, accelerator, trackers, manager, start.folder, shard)
+        return run_training(settings, accelerator, trackers, manager, start.folder, shard)
     finally:
         lock.release()
 
 
-def run_training(cfg: DictConfig, settings: Settings, accelerator: Accelerator, trackers: Trackers,
-                 manager: CheckpointManager, folder: Path | None, shard: bool = False) -> Run:
+def run_training(settings: Settings, accelerator: Accelerator, trackers: Trackers, manager: CheckpointManager,
+                 folder: Path | None, shard: bool = False) -> Run:
     """Build, resume, fit and export, once ``train`` holds the output_dir."""
     from train.divergence import check_weights
     from train.loop import fit
 
     run_dir = manager.root.parent
-    run = build_run(cfg, settings, accelerator, run_dir, shard=shard)
+    run = build_run(settings, accelerator, run_dir, shard=shard)
     if folder is not None:
         restore(run, folder)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", run.config_yaml, "run config")  # never through a planted symlink
-    accelerator.init_trackers(trackers.project, config=loggable_config(cfg), init_kwargs=trackers.init_kwargs)
+    accelerator.init_trackers(trackers.project, config=loggable_config(settings.record()), init_kwargs=trackers.init_kwargs)
     fit(run, manager)
     if not run.summary.get("preempted"):
         check_weights(run, "export")  # on every rank, so they stop together
