@@ -12,8 +12,8 @@ import torch
 from hydra.utils import instantiate
 
 from instantstyle.blocks import ALL_BLOCKS
-from train.checks import target_blocks, validate_config
-from train.config import CONFIG_DIR, ConfigError, compose, trainer_config
+from train.checks import check_config, target_blocks
+from train.config import CONFIG_DIR, ConfigError, check_sections, compose
 from train.loggers import Trackers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tm
     assert instantiate(compose([*base_overrides(tiny_model_dir, shards, tmp_path), "logger=wandb"]).logger,
                        run_dir="R").init_kwargs == {"wandb": {"mode": "offline", "dir": "R", "tags": []}}
     cfg = compose(base_overrides(tiny_model_dir, shards, tmp_path))
-    assert validate_config(cfg).mixed_precision == "no"  # YAML `no` stays a string
+    assert check_config(cfg).trainer.mixed_precision == "no"  # YAML `no` stays a string
     base = instantiate(cfg.model)
     for preset, expected in [("style", ["up_blocks.0.attentions.1"]), ("all", list(ALL_BLOCKS)),
                              ("style_layout", ["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"])]:
@@ -63,10 +63,10 @@ def test_every_group_option_composes_and_instantiates(tiny_model_dir, shards, tm
 def test_custom_block_list_and_experiment_presets(tiny_model_dir, shards, tmp_path):
     cfg = compose([*base_overrides(tiny_model_dir, shards, tmp_path), "blocks.targets=[mid_block,up_blocks.1]"])
     assert target_blocks(cfg.blocks, "sdxl") == ["mid_block", "up_blocks.1"]
-    validate_config(cfg)
+    check_config(cfg)
     for name in options("experiment"):
         cfg = compose([*base_overrides(tiny_model_dir, shards, tmp_path), f"experiment={name}"])
-        trainer_config(cfg.trainer)
+        check_sections(cfg)
 
 
 def mismatched_encoder(tmp_path) -> str:
@@ -95,7 +95,7 @@ def test_bad_config_is_one_line_error(tiny_model_dir, shards, tmp_path, override
         override = f"model.image_encoder={mismatched_encoder(tmp_path)}"
     extra = ["adapter=ip_adapter_plus", "trainer.content_scale=0.5"] if override == "PLUS" else [override]
     with pytest.raises(ConfigError) as err:
-        validate_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), *extra]))
+        check_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), *extra]))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
@@ -103,7 +103,7 @@ def test_adamw8bit_without_bitsandbytes(tiny_model_dir, shards, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when absent
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
     with pytest.raises(ConfigError, match="optim=adamw8bit needs bitsandbytes: pip install bitsandbytes"):
-        validate_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), "optim=adamw8bit"]))
+        check_config(compose([*base_overrides(tiny_model_dir, shards, tmp_path), "optim=adamw8bit"]))
 
 
 # Run the real command line: exit status 2, one `error:` line, no traceback.

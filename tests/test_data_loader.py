@@ -259,7 +259,7 @@ def test_yaml_config_is_the_default_layout():
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs/data/webdataset.yaml")
     cfg.shards = "x/*.tar"
     data = section(cfg, "data", DataConfig)
-    assert (data.resolution, data.clip_image_size, data.center_crop, data.random_crop) == (1024, 224, True, False)
+    assert (data.resolution, data.clip_image_size, data.random_crop) == (1024, 224, False)
     assert data.clip_mean == CLIP_MEAN and data.clip_std == CLIP_STD and data.max_image_pixels == 178956970
 
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from instantstyle.models import BaseModelError, load_base
 from train.builders import build_base
-from train.checks import check_data, check_model, validate_config
+from train.checks import check_config, check_data, check_model
 from train.config import ConfigError, compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +101,9 @@ def test_tiny_base_is_built_in_the_cache_not_where_you_stand(tmp_path, monkeypat
 def test_toy_preset_carries_the_sizes_it_needs(shards, tmp_path):
     cfg = compose(["model=toy", f"data.shards={shards}/*.tar", f"output_dir={tmp_path}"])
     assert (cfg.data.resolution, cfg.data.clip_image_size) == (64, 64)
-    validate_config(cfg)
+    check_config(cfg)
     with pytest.raises(ConfigError) as err:
-        validate_config(compose(["model=toy", f"data.shards={shards}/*.tar", f"output_dir={tmp_path}",
+        check_config(compose(["model=toy", f"data.shards={shards}/*.tar", f"output_dir={tmp_path}",
                                  "data.clip_image_size=224"]))
     assert str(err.value) == ("data.clip_image_size=224, but the image encoder of model.path=data_tools/toy_base "
                               "takes 64 px: set data.clip_image_size=64")

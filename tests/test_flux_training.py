@@ -18,7 +18,7 @@ from instantstyle.flux_export import read_flux_file
 from instantstyle.flux_models import encode_flux_prompts, load_flux_base
 from instantstyle.model_ids import portable_id
 from train.config import ConfigError, compose
-from train.checks import validate_config
+from train.checks import check_config
 from train.export import main as export_main
 from train.flux_task import FluxTask, clip_pixels, vae_pixels
 from train.loop import StopSignal
@@ -150,14 +150,14 @@ def test_export_cli_onto_a_non_flux_base_is_a_one_line_error(uninterrupted, tiny
 ])
 def test_bad_flux_config_is_one_line_error(flux_dir, shards, tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
-        validate_config(compose(flux_overrides(flux_dir, shards, tmp_path, *override.split())))
+        check_config(compose(flux_overrides(flux_dir, shards, tmp_path, *override.split())))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_unknown_block_on_a_base_built_on_first_use_is_a_one_line_error(shards, tmp_path):
     cfg = compose(flux_overrides(str(tmp_path / "new-tiny-flux"), shards, tmp_path / "run", "model.build_if_missing=true",
                                  "blocks.targets=[7]", "trainer.max_steps=1"))
-    validate_config(cfg)  # nothing to check against before the base exists
+    check_config(cfg)  # nothing to check against before the base exists
     with pytest.raises(ConfigError, match=r"^unknown FLUX double block 7; valid: 0\.\.2 \(transformer_blocks\)$"):
         train(cfg)
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from train.checkpoint import capture_rng
-from train.checks import validate_config
+from train.checks import check_config
 from train.config import ConfigError, compose
 from train.loop import training_state_kept
 from train.sweep import read_metrics
@@ -139,7 +139,7 @@ def test_bad_validation_config_is_one_line_error(tiny_model_dir, shards, styles,
     if "adapter=ip_adapter_plus" in extra:
         extra.append("validation.content_scale=0.5")
     with pytest.raises(ConfigError) as err:
-        validate_config(compose(tiny_overrides(tiny_model_dir, shards, tmp_path, *extra)))
+        check_config(compose(tiny_overrides(tiny_model_dir, shards, tmp_path, *extra)))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 

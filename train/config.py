@@ -110,7 +110,6 @@ class DataConfig:
     resolution: int = ranged(1024, ge=8, hint="the VAE works on 8-pixel blocks")
     clip_image_size: int = ranged(224, ge=1)  # image-encoder input, resized (bicubic) from the training crop
     random_crop: bool = False        # a random square crop instead of the centre (coordinates go to micro-conditioning)
-    center_crop: bool = True         # SDXL crop: the centre square
     random_flip: bool = False        # crop_coords_top_left is mirrored to match
     shuffle_buffer: int = ranged(1000, ge=0)  # samples shuffled per block (held encoded, per worker)
     num_workers: int = ranged(4, ge=0)   # DataLoader workers per rank; each reads its own shards
@@ -142,7 +141,6 @@ class DataConfig:
         require([
             (_shards_ok(self.shards), f"data.shards={self.shards!r} — give a glob, brace pattern, pipe: command, URL "
                                       "or a list of them, e.g. data.shards='DIR/*.tar'"),
-            (self.random_crop or self.center_crop, "set data.center_crop=true or data.random_crop=true: batches need square crops"),
             (0 <= min(self.drop_image_prob, self.drop_text_prob, self.drop_both_prob) and drops <= 1,
              f"data.drop_*_prob must be ≥ 0 and sum to ≤ 1 (they sum to {drops})"),
             (self.reference_crop is None or (len(self.reference_crop) == 2
@@ -356,11 +354,6 @@ def section(node: Any, name: str, schema: type):
         raise ConfigError(one_line(err, name)) from None
 
 
-def trainer_config(node: Any) -> TrainerConfig:
-    """The typed ``trainer`` section."""
-    return section(node, "trainer", TrainerConfig)
-
-
 def one_line(err: Exception, prefix: str = "") -> str:
     """An OmegaConf/Hydra error as one line, naming the key and, for a typo, the closest valid key."""
     cause = err
@@ -388,9 +381,15 @@ def valid_keys(group: str) -> list[str]:
     return [n for n in names if not n.startswith("_")]
 
 
+# Keys users bring from diffusers' training scripts, where the closest spelling here would mislead.
+FOREIGN_KEYS = {"data.center_crop": "crops are centred unless data.random_crop=true"}
+
+
 def unknown_key(key: str) -> str:
     """"unknown trainer key(s) ['max_stepz'] — did you mean trainer.max_steps?" (or the valid keys)."""
     group, _, name = key.rpartition(".")
+    if key in FOREIGN_KEYS:
+        return f"unknown {group} key(s) {[name]} — {FOREIGN_KEYS[key]}"
     candidates = valid_keys(group) if group in GROUPS else valid_keys("")
     where = f"{group}." if group in GROUPS else ""
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
