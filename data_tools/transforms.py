@@ -48,11 +48,6 @@ def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[i
     return int(target_h * width / height), target_h
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to `resolution`."""
-    return cover_size(width, height, resolution, resolution)
-
-
 def crop_origin(width: int, height: int, crop_w: int, crop_h: int, rng: np.random.Generator | None) -> tuple[int, int]:
     """(top, left) of a crop_w × crop_h crop in a width × height image: centred, or random when given an rng."""
     if rng is None:

@@ -169,7 +169,3 @@ def install_flux_adapter(transformer: FluxTransformer2DModel, spec: FluxAdapterS
     adapter.requires_grad_(True)
     return adapter
 
-
-def flux_trainable_parameters(adapter: FluxStyleAdapter) -> list[nn.Parameter]:
-    """The parameters an optimizer should update: projection and chosen branches, nothing frozen."""
-    return [p for p in adapter.parameters() if p.requires_grad]

@@ -24,10 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
-
-from .flux import FluxStyleAdapter
 
 
 @dataclass(frozen=True)
@@ -132,14 +129,3 @@ def transformer_inputs(transformer: FluxTransformer2DModel, noisy: torch.Tensor,
         "img_ids": latent_image_ids(h, w, device, dtype),
     }
 
-
-def flux_flow_loss(transformer: FluxTransformer2DModel, adapter: FluxStyleAdapter, latents: torch.Tensor,
-                   prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, image_embeds: torch.Tensor, *,
-                   sampling: FluxTimestepSampling = FluxTimestepSampling(), guidance_scale: float = 3.5,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rectified-flow loss of ``transformer`` with the adapter's image tokens; ``latents`` are normalized."""
-    noisy, target, sigmas = noisy_pair(latents, sampling=sampling, generator=generator)
-    inputs = transformer_inputs(transformer, noisy, sigmas, prompt_embeds, pooled_prompt_embeds, guidance_scale)
-    prediction = transformer(**inputs, joint_attention_kwargs=adapter.attention_kwargs(image_embeds)).sample
-    loss = F.mse_loss(prediction.float(), pack_latents(target).float())
-    return loss, {"loss": loss.item(), "sigma_mean": sigmas.mean().item()}

@@ -29,11 +29,6 @@ METRICS = ("style_similarity", "text_alignment", "content_leakage")
 OPTIONAL_METRICS = ("csd_style_similarity", "dino_content_leakage")
 
 
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All pairwise cosines: (N, D) x (M, D) -> (N, M), computed in float32."""
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
-
-
 def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosines of two (N, D) tensors (``b`` may be (1, D) and is then broadcast)."""
     return F.cosine_similarity(a.float(), b.float().expand_as(a), dim=-1)

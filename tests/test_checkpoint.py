@@ -107,7 +107,7 @@ def test_interrupted_write_leaves_previous_checkpoint_resumable(uninterrupted, t
     (out / "checkpoints" / "tmp-00000006-deadbeef" / "adapter.safetensors").write_bytes(b"\0" * 10)
     (out / "checkpoints" / "checkpoint-00000006").mkdir()
     (out / "checkpoints" / "checkpoint-00000006" / "adapter.safetensors").write_bytes(b"\0" * 10)
-    assert CheckpointManager(out / "checkpoints", keep=3).latest().name == "checkpoint-00000004"
+    assert CheckpointManager(out / "checkpoints", keep=3).newest_usable().name == "checkpoint-00000004"
     run = train(compose(tiny_overrides(tiny_model_dir, shards, out, *RESUME_ARGS, "trainer.max_steps=5")))
     assert run.summary["resumed_from"].endswith("checkpoint-00000004") and run.step == 5
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -168,7 +168,7 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_model_dir, shards, tmp_path):
     assert proc.returncode == 0, stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preempted"] and 2 <= summary["step"] < 500
-    assert CheckpointManager(out / "checkpoints", 3).latest().name == f"checkpoint-{summary['step']:08d}"
+    assert CheckpointManager(out / "checkpoints", 3).newest_usable().name == f"checkpoint-{summary['step']:08d}"
     assert not (out / "ip-adapter.safetensors").exists()
 
 

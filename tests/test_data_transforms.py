@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.transforms import crop_top_left, prepare_image, resized_size
+from data_tools.transforms import cover_size, crop_top_left, prepare_image
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -17,7 +17,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def reference_crop(image: Image.Image, resolution: int, top: int, left: int) -> np.ndarray:
     """Resize the whole image (shorter side → resolution), then slice: the slow, obvious way."""
-    new_w, new_h = resized_size(*image.size, resolution)
+    new_w, new_h = cover_size(*image.size, resolution, resolution)
     resized = np.asarray(image.resize((new_w, new_h), Image.BILINEAR)).astype(int)
     return resized[top:top + resolution, left:left + resolution]
 
@@ -77,5 +77,5 @@ def test_jpeg_draft_decodes_small_but_keeps_true_geometry():
 
 
 def test_crop_helpers():
-    assert resized_size(1500, 1000, 1024) == (1536, 1024) and resized_size(1000, 1500, 1024) == (1024, 1536)
+    assert cover_size(1500, 1000, 1024, 1024) == (1536, 1024) and cover_size(1000, 1500, 1024, 1024) == (1024, 1536)
     assert crop_top_left(1536, 1024, 1024, None) == (0, 256)

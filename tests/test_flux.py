@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,17 +15,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from benchmarks import bench_params
-from instantstyle.flux import (
-    FluxAdapterSpec,
-    FluxStyleBlockProcessor,
-    flux_trainable_parameters,
-    install_flux_adapter,
-)
+from instantstyle.flux import FluxAdapterSpec, FluxStyleBlockProcessor, install_flux_adapter
 from instantstyle.flux_export import export_flux_safetensors, load_flux_adapter
 from instantstyle.flux_flow import (
     FluxTimestepSampling,
     flow_matching_pair,
-    flux_flow_loss,
     guidance_input,
     latent_image_ids,
     pack_latents,
@@ -34,6 +29,7 @@ from instantstyle.flux_flow import (
 )
 
 from helpers import perturb_
+from train.flux_task import AdaptedFluxTransformer, FluxConditioning, FluxTask
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +63,15 @@ def run(transformer, inputs: dict, **joint_attention_kwargs) -> torch.Tensor:
         return transformer(**inputs, joint_attention_kwargs=joint_attention_kwargs or None).sample
 
 
+def flow_loss(transformer, adapter, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The training task's rectified-flow loss on random normalized latents, prompts and image embeddings."""
+    task = FluxTask(SimpleNamespace(transformer=transformer, device="cpu"), AdaptedFluxTransformer(transformer, adapter),
+                    generator=g)
+    cond = FluxConditioning(torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 5, 48, generator=g),
+                            torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g))
+    return task.flow_loss(cond)
+
+
 def trained_adapter(transformer, blocks=(1,), seed: int = 1):
     """An installed adapter whose weights look trained (non-zero values everywhere)."""
     adapter = install_flux_adapter(transformer, FluxAdapterSpec(double_blocks=blocks, image_embed_dim=32))
@@ -88,8 +93,8 @@ def test_only_chosen_double_blocks_get_a_branch_and_only_it_trains(transformer):
     kinds = {name: type(p) for name, p in transformer.attn_processors.items()}
     assert kinds.pop("transformer_blocks.1.attn.processor") is FluxStyleBlockProcessor
     assert set(kinds.values()) == {FluxAttnProcessor}
-    trainable = {id(p) for p in flux_trainable_parameters(adapter)}
-    assert trainable == {id(p) for p in adapter.parameters()}
+    assert all(p.requires_grad for p in adapter.parameters())  # the optimizer gets adapter.parameters()
+    trainable = {id(p) for p in adapter.parameters()}
     frozen = [n for n, p in transformer.named_parameters() if p.requires_grad and id(p) not in trainable]
     assert frozen == []
 
@@ -114,12 +119,10 @@ def test_optimizer_steps_change_the_adapter_and_leave_frozen_weights_bitwise_unc
     adapter_ids = {id(p) for p in adapter.parameters()}
     frozen = {n: p.detach().clone() for n, p in transformer.named_parameters() if id(p) not in adapter_ids}
     start = {n: p.detach().clone() for n, p in adapter.named_parameters()}
-    optimizer = torch.optim.AdamW(flux_trainable_parameters(adapter), lr=1e-2)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):  # zero-initialised values: the projection gets gradients from step 2 on
-        loss, metrics = flux_flow_loss(transformer, adapter, torch.randn(2, 16, 8, 8, generator=g),
-                                       torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g),
-                                       torch.randn(2, 32, generator=g), generator=g)
+        loss, metrics = flow_loss(transformer, adapter, g)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -254,10 +257,8 @@ def test_bf16_base_with_fp32_adapter_trains(transformer):
     adapter = install_flux_adapter(transformer, FluxAdapterSpec(double_blocks=(0,), image_embed_dim=32))
     perturb_(adapter, scale=0.3)
     g = torch.Generator().manual_seed(0)
-    loss, _ = flux_flow_loss(transformer, adapter, torch.randn(2, 16, 8, 8, generator=g),
-                             torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g),
-                             torch.randn(2, 32, generator=g), generator=g)
+    loss, _ = flow_loss(transformer, adapter, g)
     loss.backward()
-    grads = [p.grad for p in flux_trainable_parameters(adapter)]
+    grads = [p.grad for p in adapter.parameters()]
     assert all(p.dtype == torch.float32 for p in adapter.parameters())
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

@@ -192,11 +192,6 @@ class CheckpointManager:
         found = [p for p in self.root.iterdir() if NAME.match(p.name) and (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: p.name)
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        done = self.complete()
-        return done[-1] if done else None
-
     def newest_usable(self) -> Path | None:
         """The newest checkpoint that reads completely (None when there is none); each newer one is logged with why.
 

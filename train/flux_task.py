@@ -112,7 +112,10 @@ class FluxTask:
                 moved("image_features", pipe.image_encoder.dtype))
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cond = self.encode(batch)
+        return self.flow_loss(self.encode(batch))
+
+    def flow_loss(self, cond: FluxConditioning) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """σ and ε drawn from the task's generator, then the MSE of the predicted velocity against ε - x0."""
         noisy, target, sigmas = noisy_pair(cond.latents, sampling=self.sampling, generator=self.generator)
         inputs = transformer_inputs(self.base.transformer, noisy, sigmas, cond.prompt_embeds, cond.pooled,
                                     self.guidance_scale)
