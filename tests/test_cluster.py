@@ -346,21 +346,26 @@ def test_two_ranks_agree_to_stop_in_validation_and_in_a_checkpoint_write(styles,
 
 # ---- FSDP: the frozen UNet sharded, the adapter replicated ------------------------------------------------
 
-@pytest.mark.parametrize("variable, backend, processes, shard", [
-    ("ACCELERATE_USE_FSDP", "FSDP", 2, True), ("ACCELERATE_USE_FSDP", "FSDP", 1, False),
-    ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", 2, False), (None, None, 2, False)])
-def test_sharded_configs_start_and_say_what_runs(monkeypatch, caplog, variable, backend, processes, shard):
+@pytest.mark.parametrize("fsdp, backend, processes, shard", [
+    ("true", "FSDP", 2, True), ("True", "FSDP", 2, True), ("true", "FSDP", 1, False), ("false", None, 2, False)])
+def test_fsdp_config_shards_on_several_processes_and_ddp_does_not(monkeypatch, fsdp, backend, processes, shard):
     from train.sharding import take_over_sharding
     from train.training import check_distributed
 
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(name, raising=False)
-    if variable:
-        monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for fsdp.yaml / deepspeed_zero2.yaml
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", fsdp)  # "true" is what `accelerate launch` sets for fsdp.yaml
     assert take_over_sharding() == backend
-    assert os.environ.get(variable or "ACCELERATE_USE_FSDP", "false") == "false"  # Accelerate runs data parallel
-    assert check_distributed(backend, processes) is shard  # never an error
-    assert ("training runs data parallel" in caplog.text) is (backend == "DEEPSPEED")
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # Accelerate itself runs data parallel
+    assert check_distributed(backend, processes) is shard
+
+
+def test_a_deepspeed_config_is_refused_in_one_line(monkeypatch):
+    from train.config import ConfigError
+    from train.sharding import take_over_sharding
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    with pytest.raises(ConfigError, match="^DeepSpeed configs are not supported: .* use ACCELERATE_CONFIG=fsdp"):
+        take_over_sharding()
 
 
 @pytest.mark.skipif(os.environ.get("SKIP_MULTIPROCESS") == "1", reason="SKIP_MULTIPROCESS=1")

@@ -25,25 +25,28 @@ import torch.distributed as dist
 from torch import nn
 
 from train.compiling import unet_blocks
+from train.config import ConfigError
 from train.flux_task import AdaptedFluxTransformer
 from train.task import AdaptedUNet
 
 log = logging.getLogger(__name__)
-# Environment variables `accelerate launch` sets for a sharded config, and the backend each selects.
-SHARDED_BACKENDS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+# What `accelerate launch` sets for a config with distributed_type FSDP (or DEEPSPEED).
+FSDP_VARIABLE, DEEPSPEED_VARIABLE = "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"
 
 
 def take_over_sharding() -> str | None:
-    """The sharded backend ``accelerate launch`` was asked for (FSDP, DEEPSPEED), switched off for Accelerate itself.
+    """"FSDP" when ``accelerate launch`` was asked for it, switched off for Accelerate itself; else None.
 
-    Call before creating the ``Accelerator``: it then sets up plain data parallelism.
+    Call before creating the ``Accelerator``: it then sets up plain data parallelism. A DeepSpeed config
+    is refused: ZeRO would partition only the adapter's state (tens of MB) into pickled checkpoints.
     """
-    chosen = None
-    for variable, backend in SHARDED_BACKENDS.items():
-        if os.environ.get(variable, "false").lower() == "true":
-            os.environ[variable] = "false"
-            chosen = chosen or backend
-    return chosen
+    if os.environ.get(DEEPSPEED_VARIABLE, "false").lower() == "true":
+        raise ConfigError("DeepSpeed configs are not supported: the frozen base is what fills a GPU; "
+                          "use ACCELERATE_CONFIG=fsdp to shard it, or ACCELERATE_CONFIG=ddp")
+    if os.environ.get(FSDP_VARIABLE, "false").lower() != "true":
+        return None
+    os.environ[FSDP_VARIABLE] = "false"
+    return "FSDP"
 
 
 class ShardedDenoiser:

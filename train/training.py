@@ -62,12 +62,7 @@ def enable_tf32(trainer: TrainerConfig) -> bool:
 
 
 def check_distributed(backend: str | None, num_processes: int) -> bool:
-    """Whether to shard the frozen UNet (``ACCELERATE_CONFIG=fsdp`` on several processes); says what runs."""
-    if backend == "DEEPSPEED":
-        # ZeRO-2 would partition only the adapter's optimizer state (tens of MB) and hide it in DeepSpeed's
-        # pickled checkpoints; data parallelism keeps them exact and pickle-free at the same memory.
-        log.warning("ACCELERATE_CONFIG=deepspeed_zero2: the adapter is too small for ZeRO-2 to save memory; "
-                    "training runs data parallel (use ACCELERATE_CONFIG=fsdp to shard the frozen base)")
+    """Whether to shard the frozen network: ``ACCELERATE_CONFIG=fsdp`` on several processes."""
     return backend == "FSDP" and num_processes > 1
 
 
