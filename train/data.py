@@ -237,7 +237,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable resume state for this rank."""
-        return {"version": 2, "samples_seen": self.samples_seen, "epoch": self.epoch,
+        return {"samples_seen": self.samples_seen, "epoch": self.epoch,
                 "batch_size": self.batch_size, "num_workers": self.workers, "world_size": self.world_size,
                 "seed": self.seed, "skipped": self.skipped(), "next_stream": self.next_stream,
                 "streams": {str(k): v for k, v in sorted(self.streams.items())}}
@@ -246,13 +246,12 @@ class TrainLoader:
         """Continue after the samples in `state`; exact per-stream positions when the layout matches."""
         same = all(state.get(k) == v for k, v in (("batch_size", self.batch_size), ("num_workers", self.workers),
                                                    ("world_size", self.world_size), ("seed", self.seed)))
-        self._skipped_base, self._skipped_live = Counter(state.get("skipped", {})), {}
-        self.epoch = int(state.get("epoch", 0))
-        if same and "streams" in state:
+        self._skipped_base, self._skipped_live = Counter(state["skipped"]), {}
+        self.epoch = int(state["epoch"])
+        if same:
             self.samples_seen = int(state["samples_seen"])
             self.streams = {int(k): _stream_state(v) for k, v in state["streams"].items()}
-            # Version 1 had no markers: batches alternated strictly between streams.
-            self.next_stream = int(state.get("next_stream", (self.samples_seen // self.batch_size) % self.workers))
+            self.next_stream = int(state["next_stream"])
         else:
             log.warning("data layout changed since the checkpoint; resuming from its sample count instead")
             self.skip_samples(int(state["samples_seen"]))
@@ -270,12 +269,10 @@ class TrainLoader:
         self.next_stream = batches % self.workers
 
 
-def _stream_state(value: Any) -> dict:
-    """A stream's saved position: {epoch, offset, pending}, or version 1's [epoch, offset]."""
-    if isinstance(value, Mapping):
-        return {"epoch": int(value["epoch"]), "offset": int(value["offset"]),
-                "pending": [[int(e), int(o)] for e, o in value.get("pending", [])]}
-    return {"epoch": int(value[0]), "offset": int(value[1]), "pending": []}
+def _stream_state(value: Mapping) -> dict:
+    """A stream's saved position: {epoch, offset, pending}."""
+    return {"epoch": int(value["epoch"]), "offset": int(value["offset"]),
+            "pending": [[int(e), int(o)] for e, o in value["pending"]]}
 
 
 def build_train_loader(data_cfg: Any, *, batch_size: int, seed: int, rank: int, world_size: int,
