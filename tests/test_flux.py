@@ -65,8 +65,8 @@ def run(transformer, inputs: dict, **joint_attention_kwargs) -> torch.Tensor:
 
 def flow_loss(transformer, adapter, g: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The training task's rectified-flow loss on random normalized latents, prompts and image embeddings."""
-    task = FluxTask(SimpleNamespace(transformer=transformer, device="cpu"), AdaptedFluxTransformer(transformer, adapter),
-                    generator=g)
+    base = SimpleNamespace(transformer=transformer, device="cpu")  # flow_loss needs no encoders
+    task = FluxTask(base, AdaptedFluxTransformer(transformer, adapter), generator=g)
     cond = FluxConditioning(torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 5, 48, generator=g),
                             torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g))
     return task.flow_loss(cond)

@@ -18,7 +18,7 @@ from instantstyle.errors import AdapterFileError
 from instantstyle.export import export_safetensors, load_adapter, read_adapter_file
 from instantstyle.generate import StyleGenerator
 from instantstyle.generate import main as generate_main
-from train.checkpoint import STATE_FILE, write_state
+from train.checkpoint import STATE_FILE, CheckpointManager
 from train.export import main as export_main
 
 SPEC = AdapterSpec(blocks=STYLE, image_embed_dim=32)
@@ -113,15 +113,12 @@ def checkpoint(tiny_model_dir, tmp_path):
     from instantstyle.models import load_base
 
     adapter = install_adapter(load_base(tiny_model_dir).unet, SPEC)
-    folder = tmp_path / "checkpoint-00000002"
-    folder.mkdir()
-    write_state(folder, "adapter", adapter.state_dict())
     identity = {"base_model": tiny_model_dir, "target_blocks": list(STYLE), "adapter_type": SPEC.adapter_type,
                 "num_tokens": SPEC.num_tokens, "image_embed_dim": SPEC.image_embed_dim,
                 "resampler_dim": SPEC.resampler_dim, "image_encoder": f"{tiny_model_dir}:image_encoder",
                 "world_size": 1}
-    (folder / STATE_FILE).write_text(json.dumps({"step": 2, "identity": identity}))
-    return folder
+    return CheckpointManager(tmp_path / "checkpoints", keep=1).save(
+        2, {"adapter": adapter.state_dict()}, {"step": 2, "identity": identity}, config_yaml="")
 
 
 def run_export(argv: list[str], capsys) -> tuple[int | None, str]:

@@ -94,13 +94,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_state(folder: Path, name: str, state: Any) -> None:
-    """``name.json`` (+ ``name.safetensors`` when the state holds tensors) inside ``folder``."""
-    tensors: dict[str, torch.Tensor] = {}
-    tree = encode_state(state, tensors)
-    _write_encoded(folder, name, tree, tensors)
-
-
 def _write_encoded(folder: Path, name: str, tree: Any, tensors: dict[str, torch.Tensor]) -> None:
     if tensors:
         save_file(tensors, str(folder / f"{name}.safetensors"))
@@ -139,7 +132,7 @@ def check_finite(parts: Mapping[str, Stateful], what: str) -> None:
 
 
 def read_state(folder: Path, name: str) -> Any:
-    """Inverse of ``write_state``."""
+    """State ``name`` of a checkpoint folder: ``name.json`` (+ ``name.safetensors`` when it holds tensors)."""
     tensor_file = folder / f"{name}.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.is_file() else {}
     return decode_state(json.loads((folder / f"{name}.json").read_text()), tensors)

@@ -285,7 +285,8 @@ def run_training(settings: Settings, accelerator: Accelerator, trackers: Tracker
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", run.config_yaml, "run config")  # never through a planted symlink
-    accelerator.init_trackers(trackers.project, config=loggable_config(settings.record()), init_kwargs=trackers.init_kwargs)
+    accelerator.init_trackers(trackers.project, config=loggable_config(settings.record()),
+                              init_kwargs=trackers.init_kwargs)
     fit(run, manager)
     if not run.summary.get("preempted"):
         check_weights(run, "export")  # on every rank, so they stop together
