@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import re
 from collections import Counter
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
