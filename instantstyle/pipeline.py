@@ -29,7 +29,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from .adapter import AdapterSpec, InstantStyleAdapter
-from .blocks import ALL_BLOCKS, resolve_blocks, select_layers
+from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
 from .errors import AdapterFileError, GenerationError
 from .export import check_shapes, complete_layers, read_adapter_file, spec_from_file
 from .model_ids import is_hub_id, same_model
@@ -149,6 +149,39 @@ def set_layer_scales(unet: UNet2DConditionModel, blocks: Sequence[str], scale: f
     for name, proc in unet.attn_processors.items():
         if isinstance(proc, IPAdapterAttnProcessor2_0):
             proc.scale = [float(scale) if name in targets else 0.0] * len(proc.scale)
+
+
+def diffusers_scale_dict(unet: UNet2DConditionModel, blocks: Sequence[str],
+                         scale: float = 1.0) -> float | dict:
+    """The ``set_ip_adapter_scale`` argument equal to injecting ``scale`` into ``blocks`` only.
+
+    ``["up_blocks.0.attentions.1"]`` -> ``{"up": {"block_0": [0.0, s, 0.0]}}``; whole blocks
+    (``up_blocks.0``) become ``{"up": {"block_0": s}}``, the mid block ``{"mid": s}``.
+    """
+    if tuple(blocks) == ALL_BLOCKS:
+        return float(scale)
+    layers = target_layers(unet, blocks)
+    result: dict = {}
+    for block in dict.fromkeys(block_of(layer) for layer in layers):
+        parts = block.split(".")
+        if parts[0] == "mid_block":
+            result["mid"] = float(scale)
+            continue
+        side, index, position = parts[0].removesuffix("_blocks"), int(parts[1]), int(parts[3])
+        count = len(getattr(unet, parts[0])[index].attentions)
+        entry = result.setdefault(side, {}).setdefault(f"block_{index}", [0.0] * count)
+        entry[position] = float(scale)
+    _check_whole_blocks(unet, layers)
+    return result
+
+
+def _check_whole_blocks(unet: UNet2DConditionModel, layers: list[str]) -> None:
+    # diffusers scales whole attention blocks; a finer prefix cannot be written as its dict.
+    chosen = set(layers)
+    for layer in cross_attention_layers(unet.attn_processors.keys()):
+        if layer not in chosen and block_of(layer) in {block_of(x) for x in chosen}:
+            raise UnknownBlockError(f"{block_of(layer)} is only partly selected; set_ip_adapter_scale "
+                                    "works on whole attention blocks")
 
 
 class TokenProjection(nn.Module):

@@ -16,7 +16,7 @@ from transformers import CLIPImageProcessor
 from instantstyle.blocks import ALL_BLOCKS
 from instantstyle.generate import StyleGenerator, main
 from instantstyle.grid import make_grid
-from instantstyle.pipeline import GenerationError
+from instantstyle.pipeline import GenerationError, diffusers_scale_dict
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,14 @@ def test_content_scale_zero_and_scale_zero(generator, files):
     assert (base == same).all()
     off = as_uint8(generator.generate(files["image"], "a cat", scale=0.0, steps=2))
     assert abs(off - base).mean() > 2.0
+
+
+def test_scale_dict_for_diffusers(generator):
+    unet = generator.pipe.unet
+    assert diffusers_scale_dict(unet, ["up_blocks.0.attentions.1"], 0.8) == {"up": {"block_0": [0.0, 0.8, 0.0]}}
+    assert diffusers_scale_dict(unet, ["down_blocks.1", "mid_block"], 0.5) == {
+        "down": {"block_1": [0.5, 0.5]}, "mid": 0.5}
+    assert diffusers_scale_dict(unet, ALL_BLOCKS, 0.3) == 0.3
 
 
 def test_controlnet_zero_init_matches_and_control_changes_image(tiny_model_dir, files, generator):

@@ -14,6 +14,7 @@ from generate_support import STYLE, STYLE_LAYOUT, as_uint8, export_perturbed, pe
 
 from instantstyle.export import export_safetensors
 from instantstyle.generate import StyleGenerator
+from instantstyle.pipeline import diffusers_scale_dict
 
 STEPS = 2
 PROMPT = "a red circle"
@@ -60,6 +61,7 @@ def test_generate_equals_stock_diffusers(tiny_model_dir, files, name, scale):
     generator.pipe.set_progress_bar_config(disable=True)
     ours = as_uint8(generator.generate(image, PROMPT, steps=STEPS, seed=0, num_images=2))
     stock = stock_images(tiny_model_dir, files[name], scale, image, num_images=2)
+    assert diffusers_scale_dict(generator.pipe.unet, generator.blocks, 1.0) == scale
     assert ours.shape == stock.shape == (2, 64, 64, 3)
     assert abs(ours - stock).max() <= 1
     # The adapter must matter, otherwise equality would be vacuous.
