@@ -100,12 +100,6 @@ def read_cache_manifest(location: str | Path) -> Manifest | None:
     return manifest if isinstance(identity, dict) and identity.get("format") == CACHE_FORMAT else None
 
 
-def read_identity(folder: str | Path) -> dict | None:
-    """The cache identity in `folder/manifest.json`, or None when the folder holds no embedding cache."""
-    manifest = read_cache_manifest(folder)
-    return None if manifest is None else manifest.options["cache"]
-
-
 def identity_mismatch(found: dict, wanted: dict) -> str | None:
     """'resolution: cache 512, config 1024' for the first identity entry that differs, else None."""
     for key in IDENTITY_KEYS:

@@ -108,11 +108,6 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return sum(storage_bytes(getattr(tensor, name)) for name in names)
 
 
-def frozen_weight_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s frozen parameters as stored (quantized ones at their quantized size)."""
-    return sum(storage_bytes(p) for p in module.parameters() if not p.requires_grad)
-
-
 def is_quantized(module: nn.Module) -> bool:
     """True when any parameter of ``module`` is a quantized tensor subclass."""
     return any(type(p) not in (torch.Tensor, nn.Parameter) and hasattr(p, "__tensor_flatten__")

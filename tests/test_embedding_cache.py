@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_tools import precompute
-from data_tools.embedding_cache import read_identity
+from data_tools.embedding_cache import read_cache_manifest
 from data_tools.shards import read_manifest
 from instantstyle.models import load_base
 from tests.helpers import tiny_overrides
@@ -73,7 +73,7 @@ def test_cached_training_is_bitwise_live_training(tiny_model_dir, shards, cache)
 
 def test_manifest_names_what_made_the_cache(cache, shards, tiny_model_dir):
     manifest = read_manifest(cache)
-    identity = read_identity(cache)
+    identity = read_cache_manifest(cache).options["cache"]
     assert manifest.complete and manifest.num_samples == 32 and len(manifest.shards) == 4
     assert identity["resolution"] == 64 and identity["adapter_type"] == "ip_adapter" and identity["dtype"] == "fp32"
     assert identity["base_model"] == str(Path(tiny_model_dir).resolve()) and identity["encode_batch_size"] == 2
@@ -131,7 +131,7 @@ def test_cached_augmented_views_serve_reference_augmentation(tiny_model_dir, sha
     out = tmp_path / "views"
     views = ("--reference-views", "3", "--reference-shuffle-grid", "4")
     assert run_precompute(tiny_model_dir, shards, out, *views) == 0
-    assert read_identity(out)["reference"] == {"views": 3, "crop": None, "flip_prob": 0.0, "shuffle_grid": 4}
+    assert read_cache_manifest(out).options["cache"]["reference"] == {"views": 3, "crop": None, "flip_prob": 0.0, "shuffle_grid": 4}
     augmented = data_cfg(str(out), cached=True, reference_shuffle_grid=4)
     plain_views = data_cfg(str(out), cached=True)
     plain = data_cfg(str(cache), cached=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_tools import precompute
-from data_tools.embedding_cache import read_identity
+from data_tools.embedding_cache import read_cache_manifest
 from instantstyle.flux_models import MAX_SEQUENCE_LENGTH, load_flux_base
 from tests.helpers import tiny_overrides
 from train.checks import check_config
@@ -85,7 +85,7 @@ def test_flux_cached_training_is_bitwise_live_training(flux_dir, shards, flux_ca
 
 
 def test_flux_cache_records_family_and_t5_length(flux_cache, flux_dir):
-    identity = read_identity(flux_cache)
+    identity = read_cache_manifest(flux_cache).options["cache"]
     assert identity["family"] == "flux" and identity["max_sequence_length"] == MAX_SEQUENCE_LENGTH
     assert identity["shapes"]["latent"] == [16, 8]  # unpacked: the task packs 2x2 patches as it does live
     assert identity["shapes"]["prompt_embeds"] == [MAX_SEQUENCE_LENGTH, 48]  # tiny T5 width
@@ -95,7 +95,7 @@ def test_flux_cache_records_family_and_t5_length(flux_cache, flux_dir):
 def test_a_cache_of_another_family_is_refused_in_one_line(flux_dir, tiny_model_dir, shards, flux_cache, tmp_path):
     sdxl_cache = tmp_path / "sdxl_cache"
     assert run_precompute(tiny_model_dir, shards, sdxl_cache) == 0
-    assert read_identity(sdxl_cache)["family"] == "sdxl"
+    assert read_cache_manifest(sdxl_cache).options["cache"]["family"] == "sdxl"
     flux_on_sdxl = compose(flux_overrides(flux_dir, str(sdxl_cache), tmp_path / "a", "data=cached"))
     sdxl_on_flux = compose(tiny_overrides(tiny_model_dir, str(flux_cache), tmp_path / "b", "data=cached"))
     for cfg, message in ((flux_on_sdxl, "holds sdxl encoder outputs, this config trains flux"),
