@@ -108,8 +108,9 @@ def flux_spec_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, st
         blocks = json.loads(metadata.get("double_blocks", '"all"'))
     except (KeyError, IndexError, ZeroDivisionError, ValueError, RecursionError) as err:
         raise AdapterFileError(f"not a FLUX IP-Adapter layout ({type(err).__name__})") from None
-    if blocks != "all" and not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)):
-        raise AdapterFileError('metadata field double_blocks must be a JSON list of block names or "all"')
+    if blocks != "all" and not (isinstance(blocks, list)
+                                and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks)):
+        raise AdapterFileError('metadata field double_blocks must be a JSON list of block indices or "all"')
     extra = {k: metadata[k] for k in ("base_model", "image_encoder", "step") if k in metadata}
     return FluxAdapterSpec(None if blocks == "all" else tuple(blocks), int(weight.shape[1]), int(num_tokens), extra)
 

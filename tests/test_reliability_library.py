@@ -203,7 +203,7 @@ def test_two_exports_are_byte_identical(tiny_base, tmp_path):
     ({"--width": "-8"}, "--width"),
     ({"--steps": "0"}, "--steps"),
     ({"--num-images": "0"}, "--num-images"),
-    ({"--out": "/nonexistent/folder/out.png"}, "/nonexistent/folder"),
+    ({"--out": "OUT/style.png/folder/out.png"}, "is a file, so no folder can be made under it"),  # --out's folder is made
     ({"--out": "OUT/result.txt"}, ".png"),
     ({"--out": "OUT/result"}, ".png"),
 ])
