@@ -211,9 +211,12 @@ def test_signal_during_validation_stops_it_and_resumes_bitwise(reference, styles
     unet_calls, evaluate = [], loop.evaluate_live
 
     def signalled_evaluation(run, refs, out_dir):
-        run.base.unet.register_forward_pre_hook(lambda *a: unet_calls.append(1))
+        hook = run.base.unet.register_forward_pre_hook(lambda *a: unet_calls.append(1))
         os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag; the next UNet call sees it
-        return evaluate(run, refs, out_dir)
+        try:
+            return evaluate(run, refs, out_dir)
+        finally:  # only the validation's UNet calls count (the checkpoint's weight probe runs the UNet too)
+            hook.remove()
 
     monkeypatch.setattr(loop, "evaluate_live", signalled_evaluation)
     first = train(cfg)
