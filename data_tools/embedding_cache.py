@@ -46,7 +46,6 @@ VIEWS_KEY = "image_feature_views"
 # Identity entries that must match the training config; the rest (dtype, batch size) are informative.
 IDENTITY_KEYS = ("base_model", "image_encoder", "adapter_type", "resolution", "buckets", "clip_image_size",
                  "clip_mean", "clip_std", "max_sequence_length")
-UNET_FAMILIES = ("sdxl", "sd15")  # what a cache recording no family holds (made before FLUX caches existed)
 
 
 def cache_identity(*, base_model: str, image_encoder: str, adapter_type: str, resolution: int, buckets: Any,
@@ -111,9 +110,9 @@ def identity_mismatch(found: dict, wanted: dict) -> str | None:
 def family_mismatch(found: dict, family: str) -> str | None:
     """'the cache holds sdxl encoder outputs, this config trains flux' when the base families differ, else None."""
     made = found.get("family")
-    if made == family or (made is None and family in UNET_FAMILIES):
+    if made == family:
         return None
-    return f"the cache holds {made or 'sdxl/sd15'} encoder outputs, this config trains {family}"
+    return f"the cache holds {made or 'unknown'} encoder outputs, this config trains {family}"
 
 
 def _normal(value: Any) -> Any:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools import precompute
 from data_tools.embedding_cache import read_cache_manifest
 from instantstyle.flux_models import MAX_SEQUENCE_LENGTH, load_flux_base
 from tests.helpers import tiny_overrides
+from tests.test_embedding_cache import run_precompute
 from train.checks import check_config
 from train.config import ConfigError, compose
 from train.data import build_train_loader
@@ -24,11 +24,6 @@ def flux_dir(tmp_path_factory) -> str:
     from data_tools.make_tiny_flux import save_tiny_flux
 
     return str(save_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "base", seed=0))
-
-
-def run_precompute(base: str, shards: str, out: Path, *extra: str) -> int:
-    return precompute.main(["--base", base, "--shards", f"{shards}/*.tar", "--out", str(out), "--resolution", "64",
-                            "--batch-size", "2", "--dtype", "fp32", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +116,9 @@ def test_flux_trains_from_the_cache_end_to_end(flux_dir, flux_cache, tmp_path):
     assert run.base.pipe.text_encoder_2.device.type == "meta" and run.base.vae.device.type == "meta"
 
 
-def test_a_cache_recording_no_family_is_a_unet_cache():
+def test_a_cache_recording_no_family_is_refused_for_every_family():
     from data_tools.embedding_cache import family_mismatch
 
-    legacy = {"base_model": "/bases/sdxl"}  # made before caches recorded their family: only UNet bases had caches
-    assert family_mismatch(legacy, "sdxl") is None and family_mismatch(legacy, "sd15") is None
-    assert family_mismatch(legacy, "flux") == "the cache holds sdxl/sd15 encoder outputs, this config trains flux"
+    unknown = {"base_model": "/bases/sdxl"}  # every cache precompute writes names its family
+    for family in ("sdxl", "sd15", "flux"):
+        assert family_mismatch(unknown, family) == f"the cache holds unknown encoder outputs, this config trains {family}"
