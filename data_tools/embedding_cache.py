@@ -231,9 +231,9 @@ def decode_sample(members: dict[str, bytes], spec: CacheSpec) -> tuple[dict[str,
 
 def save_empty_prompt(folder: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
     """Write the empty caption's (prompt_embeds, pooled) once per cache."""
-    from data_tools.shards import write_atomic
+    from instantstyle.safe_paths import write_atomic
 
     tensors = {"prompt_embeds": prompt_embeds.detach().cpu().contiguous()}
     if pooled is not None:
         tensors["pooled_prompt_embeds"] = pooled.detach().cpu().contiguous()
-    write_atomic(folder / EMPTY_PROMPT_FILE, save_tensors(tensors))
+    write_atomic(folder / EMPTY_PROMPT_FILE, save_tensors(tensors), "empty prompt")

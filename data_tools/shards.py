@@ -31,6 +31,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from braceexpand import braceexpand
 
+from instantstyle.safe_paths import write_atomic
+
 
 # --- locating shards -------------------------------------------------------
 
@@ -178,25 +180,17 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a new temp file and rename (``instantstyle.safe_paths``): readers never see half
-    a file, and only a regular file or a new name is replaced; ``OutputPathError`` (one line) when it cannot be."""
-    from instantstyle.safe_paths import write_atomic as safe_write
-
-    safe_write(path, data, "shard output")
-
-
 def write_shard(path: Path, samples: list[Sample]) -> int:
-    """Write one shard atomically; returns its size in bytes."""
+    """Write one shard atomically (never over a device or a symlink's target); returns its size in bytes."""
     data = tar_bytes(samples)
-    write_atomic(path, data)
+    write_atomic(path, data, "shard")
     return len(data)
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Write `out_dir/manifest.json` atomically (sorted keys: deterministic bytes)."""
     text = json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n"
-    write_atomic(Path(out_dir) / MANIFEST_NAME, text.encode("utf-8"))
+    write_atomic(Path(out_dir) / MANIFEST_NAME, text, "shard manifest")
 
 
 def read_manifest(out_dir: Path) -> Manifest | None:
