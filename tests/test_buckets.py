@@ -58,7 +58,8 @@ def test_bucket_crop_covers_and_records_sdxl_conditioning():
     assert np.abs(out.pixels.astype(int) - reference).max() <= 1
     # The CLIP view is the crop's centred square (never squashed), at the encoder's size.
     square = Image.fromarray(out.pixels).crop((12, 0, 52, 40)).resize((16, 16), Image.BICUBIC)
-    assert np.array_equal(out.clip_pixels, np.asarray(square))
+    diff = np.abs(out.clip_pixels.astype(int) - np.asarray(square).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05  # PIL's bicubic up to rounding
     flipped = prepare_image(image, (64, 40), 16, random_crop=True, random_flip=True, rng=np.random.default_rng(3))
     assert flipped.pixels.shape == (40, 64, 3) and 0 <= flipped.crop_top_left[0] <= 2
 

@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.transforms import cover_size, crop_top_left, prepare_image
+import torch
+
+from data_tools.transforms import cover_size, crop_top_left, prepare_image, resize
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def assert_within_one_level(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal to PIL's filter up to rounding: no pixel off by more than one level, and few off at all."""
+    diff = np.abs(actual.astype(int) - np.asarray(expected).astype(int))
+    assert actual.shape == np.asarray(expected).shape and diff.max() <= 1 and diff.mean() < 0.05
 
 
 def reference_crop(image: Image.Image, resolution: int, top: int, left: int) -> np.ndarray:
@@ -29,9 +37,9 @@ def test_center_crop_values_are_hand_computed(width, height, expected_crop):
     out = prepare_image(image, 32, 16)
     assert out.original_size == (height, width) and out.crop_top_left == expected_crop
     assert out.pixels.shape == (32, 32, 3) and out.clip_pixels.shape == (16, 16, 3)
-    assert np.abs(out.pixels.astype(int) - reference_crop(image, 32, *expected_crop)).max() <= 1
-    expected_clip = np.asarray(Image.fromarray(out.pixels).resize((16, 16), Image.BICUBIC))
-    assert np.array_equal(out.clip_pixels, expected_clip)  # CLIP view comes from the crop itself
+    assert_within_one_level(out.pixels, reference_crop(image, 32, *expected_crop))
+    # The CLIP view comes from the crop itself.
+    assert_within_one_level(out.clip_pixels, Image.fromarray(out.pixels).resize((16, 16), Image.BICUBIC))
 
 
 def test_random_crop_uses_the_rng_and_pixels_match():
@@ -40,7 +48,7 @@ def test_random_crop_uses_the_rng_and_pixels_match():
     check = np.random.default_rng(5)
     top, left = int(check.integers(0, 1)), int(check.integers(0, 53 - 32 + 1))
     assert out.crop_top_left == (top, left) and out.original_size == (48, 80)
-    assert np.abs(out.pixels.astype(int) - reference_crop(image, 32, top, left)).max() <= 1
+    assert_within_one_level(out.pixels, reference_crop(image, 32, top, left))
     lefts = {prepare_image(image, 32, 16, random_crop=True, rng=np.random.default_rng(s)).crop_top_left[1]
              for s in range(30)}
     assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 21
@@ -79,3 +87,42 @@ def test_jpeg_draft_decodes_small_but_keeps_true_geometry():
 def test_crop_helpers():
     assert cover_size(1500, 1000, 1024, 1024) == (1536, 1024) and cover_size(1000, 1500, 1024, 1024) == (1024, 1536)
     assert crop_top_left(1536, 1024, 1024, None) == (0, 256)
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients with shapes and grain, like the loader benchmark's photos (noise alone is no photo)."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1).astype(float)
+    base[height // 4:height // 2, width // 3:width // 2] = (200, 40, 90)
+    grain = np.random.default_rng(0).normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(640, 360), (360, 640), (500, 500), (200, 120)])
+def test_a_large_photo_is_cropped_as_pils_filters_would_crop_it(size):
+    """Resize up and down, square and bucketed: within one level of PIL's bilinear and bicubic everywhere."""
+    image = photo(*size)
+    for target in (256, (320, 192), (192, 320)):
+        out = prepare_image(image, target, 64)
+        width, height = (target, target) if isinstance(target, int) else target
+        top, left = out.crop_top_left
+        new_w, new_h = cover_size(*size, width, height)
+        full = np.asarray(image.resize((new_w, new_h), Image.BILINEAR))[top:top + height, left:left + width]
+        assert_within_one_level(out.pixels, full)
+        side = min(width, height)
+        square = Image.fromarray(out.pixels).crop(((width - side) // 2, (height - side) // 2,
+                                                   (width - side) // 2 + side, (height - side) // 2 + side))
+        assert_within_one_level(out.clip_pixels, square.resize((64, 64), Image.BICUBIC))
+        assert out.pixels.flags.c_contiguous and out.clip_pixels.flags.c_contiguous
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_resize_is_torchs_public_antialiased_interpolate(mode):
+    """The HWC fast path computes exactly what F.interpolate(antialias=True) computes, minus the transposes."""
+    pixels = np.asarray(photo(300, 200)).copy()
+    planar = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+    for width, height in ((120, 80), (451, 300), (97, 211)):
+        expected = torch.nn.functional.interpolate(planar, size=(height, width), mode=mode,
+                                                   antialias=True)[0].permute(1, 2, 0).numpy()
+        assert np.array_equal(resize(pixels, width, height, mode), expected)
+    assert resize(pixels, 300, 200, mode) is pixels  # nothing to do
