@@ -36,6 +36,9 @@ def parse_buckets(spec: Any, resolution: int) -> list[Size] | None:
     if isinstance(spec, str):
         if spec.lower() != "sdxl":
             raise ValueError(f"data.buckets={spec!r} — valid: none, sdxl, or a list like [[1024, 1024], [1152, 896]]")
+        if resolution < STEP:
+            raise ValueError(f"data.buckets=sdxl needs a resolution ≥ {STEP}, its sides being multiples of {STEP} "
+                             f"(got {resolution}): use data.buckets=none")
         return sdxl_buckets(resolution)
     sizes = [tuple(int(v) for v in pair) for pair in spec]
     if not sizes or any(len(s) != 2 or min(s) <= 0 or s[0] % 8 or s[1] % 8 for s in sizes):

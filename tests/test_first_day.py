@@ -58,6 +58,19 @@ def test_a_bucket_set_that_collapses_to_one_square_is_said_in_one_line(tmp_path,
                         "1024 the published 41"]
 
 
+def test_sdxl_buckets_below_64_px_are_refused_in_one_line(tmp_path):
+    # The rule's sides are multiples of 64: at 32 px the set was empty and the loader died in min().
+    from data_tools.buckets import parse_buckets
+
+    folder = image_shards(tmp_path / "tiny", [(64, 32)])
+    data = compose([f"data.shards={folder}", "model=tiny", "data.resolution=32", "data.buckets=sdxl"]).data
+    with pytest.raises(ConfigError, match=r"data.buckets=sdxl needs data.resolution ≥ 64, .*\(got 32\): "
+                                          r"use data.buckets=none"):
+        check_data(data)
+    with pytest.raises(ValueError, match="needs a resolution ≥ 64"):
+        parse_buckets("sdxl", 32)
+
+
 def fake_cache(folder: Path, **identity) -> Path:
     """A folder whose manifest says what made the cache (the settings data=cached reads from it)."""
     folder.mkdir(parents=True)

@@ -148,6 +148,9 @@ class DataConfig:
              f"data.reference_crop={self.reference_crop} — give [low, high] with 0 < low ≤ high ≤ 1, or null"),
             (_buckets_ok(self.buckets), f"data.buckets={self.buckets!r} — valid: none, sdxl, or a list of "
                                         "[width, height] pairs, positive multiples of 8, e.g. [[1024, 1024], [1152, 896]]"),
+            (not _is_sdxl(self.buckets) or self.resolution >= 64,
+             f"data.buckets=sdxl needs data.resolution ≥ 64, its sides being multiples of 64 (got {self.resolution}): "
+             "use data.buckets=none"),
         ])
         self.clip_mean, self.clip_std = tuple(self.clip_mean), tuple(self.clip_std)
 
@@ -157,6 +160,10 @@ def _shards_ok(spec: Any) -> bool:
     if isinstance(spec, str):
         return bool(spec.strip())
     return isinstance(spec, (list, tuple)) and bool(spec) and all(isinstance(s, str) and s.strip() for s in spec)
+
+
+def _is_sdxl(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.lower() == "sdxl"
 
 
 def _buckets_ok(spec: Any) -> bool:
