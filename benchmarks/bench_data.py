@@ -1,6 +1,6 @@
 """Throughput of our shard pipeline vs the IP-Adapter tutorial's loading, same workers and batch size.
 
-    python -m benchmarks.bench_data [--num 1000 --side 1500 --workers 2 --resolution 1024]
+    python -m benchmarks.bench_data [--num 1000 --side 1500 --workers 2 --resolution 1024 --repeats 3]
 
 All produce SDXL pixels at `--resolution` plus a 224 px CLIP input; none
 tokenises (the training task does that). The photos mix aspect ratios (1:1 to 16:9,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from itertools import islice
@@ -131,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table gives their median")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "instantstyle_bench_data")
     args = parser.parse_args(argv)
     root = args.cache / f"side{args.side}"
     images = ensure_images(root / "images", args.num, args.side)
     (root / "data.json").write_text(json.dumps([{"image_file": p.name, "text": f"a photo {i}"} for i, p in enumerate(images)]))
-    shards = ensure_shards(root / f"shards{args.num}", images, per_shard=max(1, args.num // (4 * args.workers)))
+    shards = ensure_shards(root / f"shards{args.num}", images, per_shard=max(1, args.num // (4 * max(1, args.workers))))
     num_batches = args.num // args.batch_size
     mb = sum(p.stat().st_size for p in images) / len(images) / 1e6
     tutorial = DataLoader(TutorialDataset(root / "data.json", root / "images", args.resolution), batch_size=args.batch_size,
@@ -145,17 +147,25 @@ def main(argv: list[str] | None = None) -> None:
     ours = build_train_loader(settings, batch_size=args.batch_size, seed=0, rank=0, world_size=1)
     bucketed = build_train_loader({**settings, "buckets": "sdxl"}, batch_size=args.batch_size, seed=0, rank=0,
                                   world_size=1)
-    results = {"IP-Adapter tutorial (JSON + PIL + CLIPImageProcessor)": throughput(tutorial, num_batches, args.batch_size, "tutorial"),
-               "ours (WebDataset shards, train/data.py)": throughput(ours, num_batches, args.batch_size, "ours"),
-               "ours + SDXL aspect buckets (data.buckets=sdxl)": throughput(bucketed, num_batches, args.batch_size,
-                                                                            "ours+buckets")}
+    pipelines = {"IP-Adapter tutorial (JSON + PIL + CLIPImageProcessor)": tutorial,
+                 "ours (WebDataset shards, train/data.py)": ours,
+                 "ours + SDXL aspect buckets (data.buckets=sdxl)": bucketed}
+    # Rounds interleave the pipelines, so a burst of load from elsewhere hits all of them, not one.
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
+    for round_ in range(args.repeats):
+        for name, loader in pipelines.items():
+            runs[name].append(throughput(loader, num_batches, args.batch_size, f"{name.split(' (')[0]} {round_ + 1}"))
     print(f"\n{args.num} JPEGs, longer side {args.side} px (mean {mb:.2f} MB), {args.workers} workers, "
-          f"batch {args.batch_size}, {args.resolution} px + 224 px CLIP, {os.cpu_count()} CPU cores\n")
-    print("| pipeline | samples/s (steady) | samples/s (incl. start-up) | speed-up |")
-    print("|---|---:|---:|---:|")
-    base = next(iter(results.values()))[0]
-    for name, (steady, total) in results.items():
-        print(f"| {name} | {steady:.1f} | {total:.1f} | {steady / base:.2f}× |")
+          f"batch {args.batch_size}, {args.resolution} px + 224 px CLIP, {os.cpu_count()} CPU cores, "
+          f"median of {args.repeats} interleaved rounds\n")
+    print("| pipeline | samples/s (steady) | range over rounds | samples/s (incl. start-up) | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(steady for steady, _ in next(iter(runs.values())))
+    for name, rounds in runs.items():
+        steady = [s for s, _ in rounds]
+        median = statistics.median(steady)
+        print(f"| {name} | {median:.1f} | {min(steady):.1f}–{max(steady):.1f} | "
+              f"{statistics.median(t for _, t in rounds):.1f} | {median / base:.2f}× |")
 
 
 if __name__ == "__main__":
