@@ -40,12 +40,13 @@ from instantstyle.augment import ReferenceAugment
 from instantstyle.content import encode_image
 from instantstyle.encode import clip_input, latent_distribution, pad_rows
 from instantstyle.errors import OutputPathError
-from instantstyle.models import BaseModel, encode_prompts, load_base
+from instantstyle.quiet import quiet_libraries
 from instantstyle.safe_paths import check_output_dir, make_output_dir
 from instantstyle.threads import configure_cpu_threads
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # diffusers loads with the base (after quiet_libraries), not with this module
     from instantstyle.flux_models import FluxBase
+    from instantstyle.models import BaseModel
 
 FLUX_PIPELINE = "FluxPipeline"  # model_index.json's class of a FLUX.1 base
 
@@ -199,6 +200,8 @@ def encode_text(base: BaseModel | FluxBase, captions: list[str]) -> tuple[torch.
         from instantstyle.flux_models import encode_flux_prompts
 
         return encode_flux_prompts(base, captions)
+    from instantstyle.models import encode_prompts
+
     return encode_prompts(base, captions)
 
 
@@ -242,6 +245,8 @@ def load_encoders(args: argparse.Namespace, flux: bool, device: torch.device) ->
         from instantstyle.flux_models import load_flux_base
 
         return load_flux_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=device)
+    from instantstyle.models import load_base
+
     return load_base(args.base, image_encoder=args.image_encoder, dtype=torch.float32, device=device,
                      check_content=False)
 
@@ -285,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry; exit status 2 with one line on a usage mistake, an unusable base or --out."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    quiet_libraries()
     try:
         return run(args)
     except (ValueError, OSError, OutputPathError) as err:  # BaseModelError, bad --shards or --out, full disk

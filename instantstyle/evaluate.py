@@ -35,6 +35,7 @@ from .errors import GenerationError, OutputPathError
 from .generate import HelpFormatter, StyleGenerator, report_error, resolve_device, user_errors
 from .safe_paths import check_output_dir, make_output_dir, save_image, write_atomic
 from .grid import make_grid
+from .quiet import quiet_libraries
 from .threads import configure_cpu_threads
 
 # torch, transformers and the metrics load inside the functions that use them, so --help is instant.
@@ -388,6 +389,7 @@ def load_metric_encoders(csd: str | None, dino: str | None, device: str = "cpu")
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         check_output_dir(args.out, f"--out {args.out}")  # before hours of generation
         report = run(args)

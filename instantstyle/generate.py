@@ -30,6 +30,7 @@ from PIL import Image
 from .blocks import UnknownBlockError, resolve_blocks
 from .errors import AdapterFileError, GenerationError, OutputPathError
 from .grid import make_grid
+from .quiet import quiet_libraries
 from .safe_paths import check_output_dir, check_output_file, save_image
 from .threads import configure_cpu_threads
 
@@ -353,6 +354,7 @@ def report_error(err: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         paths = run(args)
     except GenerationError as err:  # its own clause: argument errors need not import the ML libraries

@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch < 1 or args.shard_gpus < 1 or args.resolution < 16 or args.resolution % 16:
         print("error: --batch and --shard-gpus must be ≥ 1 and --resolution a multiple of 16", file=sys.stderr)
         sys.exit(2)
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
     from .model_sizes import meta_base
 
     try:

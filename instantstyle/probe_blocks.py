@@ -48,6 +48,7 @@ from .evaluate import (
 )
 from .errors import GenerationError
 from .generate import HelpFormatter, StyleGenerator, report_error, user_errors
+from .quiet import quiet_libraries
 from .safe_paths import write_atomic
 
 # diffusers, transformers and the metrics load inside the functions that use them, so --help is instant.
@@ -241,6 +242,7 @@ def prompts_from(values: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: user errors print one ``error: ...`` line and exit 2."""
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         config = EvalConfig(prompts_from(args.prompts), [int(s) for s in args.seeds.split(",")], args.steps,
                             args.guidance, cell=args.cell)

@@ -82,17 +82,6 @@ def report_error(err: Exception | str) -> None:
         print(line, file=sys.stderr)
 
 
-def quiet_libraries() -> None:
-    """Silence notices that every run would print and no user can act on (tested: a demo run prints no warning)."""
-    # transformers: "`CLIPImageProcessor` requires torchvision … falling back to the PIL backend" (we use neither).
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision" not in record.getMessage())
-    # diffusers imports bitsandbytes whenever it is installed; its CPU backend then looks for an optional
-    # kernels package. Only optim=adamw8bit uses bitsandbytes, and that runs on GPUs.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
-
-
 def set_cpu_threads(cfg: DictConfig) -> None:
     """The library's CPU thread choice (instantstyle.threads), said as the run log's first line."""
     from instantstyle.threads import available_cpus, configure_cpu_threads
@@ -111,7 +100,9 @@ def main(cfg: DictConfig) -> None:
     handed_over = hand_over_to_launch_sh(cfg.output_dir)  # a cluster sweep point on several GPUs or nodes
     if handed_over is not None:
         sys.exit(handed_over)
-    quiet_libraries()
+    from instantstyle.quiet import quiet_libraries
+
+    quiet_libraries(quantizing=cfg.model.get("quantize", "none") != "none")
     set_cpu_threads(cfg)
     import torch
     from hydra.errors import InstantiationException

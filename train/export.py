@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from instantstyle.generate import HelpFormatter
+from instantstyle.quiet import quiet_libraries
 
 # torch and diffusers load inside export_checkpoint, so that --help and usage errors are instant.
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of instantstyle.export.DTYPES
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="trained layers only (SDXL style: 120 instead of 670 MiB in fp16); loads in "
                              "InstantStyle, not in stock diffusers or ComfyUI")
     args = parser.parse_args(argv)
+    quiet_libraries()
     from instantstyle.blocks import UnknownBlockError
     from instantstyle.errors import AdapterFileError
     from train.checkpoint import CheckpointError
