@@ -37,13 +37,13 @@ def one_line(capsys) -> str:
     (["--reference-crop", "0.5", "0.2"], "--reference-crop"),
 ])
 def test_bad_numbers_are_one_line_before_loading(tmp_path, capsys, monkeypatch, extra, needle):
-    monkeypatch.setattr(precompute, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
+    monkeypatch.setattr(precompute, "load_encoders", lambda *a, **k: pytest.fail("loaded the base"))
     assert run("unused", str(tmp_path), tmp_path / "cache", *extra) == 2
     assert needle in one_line(capsys)
 
 
 def test_out_that_is_a_file_or_under_proc_is_one_line(shards, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(precompute, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
+    monkeypatch.setattr(precompute, "load_encoders", lambda *a, **k: pytest.fail("loaded the base"))
     (tmp_path / "file").write_text("x")
     assert run("unused", shards, tmp_path / "file") == 2
     assert "is a file" in one_line(capsys)
