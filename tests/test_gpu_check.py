@@ -55,6 +55,9 @@ def test_smoke_results_are_written_as_they_come_and_summarized_at_the_end(smoke)
     assert order[-1] == "summary" and records[-1]["bad"] == []
     assert lines[-1] == "all steps ok or skipped" and any(line.startswith("[ok] export") for line in lines)
     assert (out / "logs" / "train.log").read_text().strip()
+    noise = ("Failed to load", "register_constant", "requires torchvision", "Unable to import")
+    assert not [line for log in (out / "logs").glob("*.log") for line in log.read_text().splitlines()
+                if any(n in line for n in noise)]
 
 
 def test_step_budgets_fit_eight_minutes_on_one_gpu():

@@ -68,3 +68,11 @@ def test_tools_that_load_a_base_are_quiet_with_every_test_extra_installed(module
     noisy = [line for line in (proc.stdout + proc.stderr).splitlines()
              if any(word in line for word in ("warn", "Warn", "WARN", "Failed to load", "Unable to import"))]
     assert noisy == [], noisy
+
+
+def test_the_benchmarks_package_is_quiet_at_import():
+    """bench_gpu imports diffusers at the top: the package's filters come first (gpu_check imports it in-process)."""
+    pytest.importorskip("torchao")
+    proc = subprocess.run([sys.executable, "-c", "import benchmarks.bench_gpu, benchmarks.bench_train"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
