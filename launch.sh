@@ -151,15 +151,20 @@ set_accelerate_args() {
 # Bash runs no trap while a foreground child runs, so SLURM's or torchrun's SIGTERM would kill this shell and
 # orphan training. Instead the child runs in the background in its own process group (set -m) and every
 # TERM/INT goes to that whole group: each rank checkpoints and exits, and we exit with the launcher's status.
+# The traps go in before the child starts: a signal that came in between would otherwise be lost and
+# `wait` would never return. One that comes before the child exists is passed on once it does.
 run_forwarding_signals() {
+  local rc again
+  CAUGHT=0 CHILD="" PENDING=""
+  trap 'forward_signal TERM' TERM
+  trap 'forward_signal INT' INT
   set -m
   "$@" </dev/null &  # a background group that read the terminal would stop (SIGTTIN); training reads no input
   CHILD=$!
   set +m
-  trap 'forward_signal TERM' TERM
-  trap 'forward_signal INT' INT
-  local rc again
-  CAUGHT=0
+  if [[ -n "$PENDING" ]]; then
+    kill -s "$PENDING" -- "-$CHILD" 2>/dev/null || true
+  fi
   wait "$CHILD" && rc=0 || rc=$?
   if (( CAUGHT )); then
     while (( CAUGHT )); do  # a trapped signal makes `wait` return early while the child still runs
@@ -177,6 +182,10 @@ run_forwarding_signals() {
 
 forward_signal() {
   CAUGHT=1
+  if [[ -z "$CHILD" ]]; then
+    PENDING=$1
+    return
+  fi
   kill -s "$1" -- "-$CHILD" 2>/dev/null || true
 }
 
