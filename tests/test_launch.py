@@ -218,11 +218,19 @@ def test_launch_sh_cpu_runs_use_the_librarys_thread_choice_unless_told(tmp_path)
     assert seen.read_text().startswith("3 launch --quiet --cpu")
 
 
+def default_signal_dispositions() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def signal_launch(tmp_path: Path, fake_accelerate: str, sig: signal.Signals) -> tuple[int, str]:
     """Run launch.sh over a fake `accelerate`, signal launch.sh once the fake runs; (exit status, marker text)."""
     marker = tmp_path / "marker"
     env = launch_env(NUM_GPUS="0", MARKER=str(marker), PATH=fake_bin(tmp_path, accelerate=fake_accelerate))
-    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), "x=y"], env=env, start_new_session=True)
+    # As from a terminal: a runner started as a background job of a script ignores SIGINT, and a shell
+    # started with a signal ignored can never trap it (POSIX), so the default disposition is restored here.
+    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), "x=y"], env=env, start_new_session=True,
+                            preexec_fn=default_signal_dispositions)
     pid_file = Path(f"{marker}.pid")
     try:
         deadline = time.monotonic() + 30
