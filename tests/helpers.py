@@ -47,3 +47,27 @@ def tiny_overrides(model_dir: str, shards: str, out, *extra: str) -> list[str]:
     """Hydra overrides for a CPU-sized training run: 64 px, batch 2, no workers."""
     return [f"model.path={model_dir}", f"data.shards={shards}/*.tar", "data.resolution=64", "data.num_workers=0",
             "data.shuffle_buffer=8", "trainer.batch_size=2", "trainer.log_every=1", f"output_dir={out}", *extra]
+
+
+def assert_same_steps(live, cached, live_adapter: torch.nn.Module, cached_adapter: torch.nn.Module, pairs,
+                      optimizers: tuple = ()) -> None:
+    """Live and cached tasks over paired batches: same keys, captions and drops, bitwise-equal loss and gradients.
+
+    ``optimizers`` (live, cached) also step both adapters between batches. The guidance drops must occur.
+    """
+    dropped_text = dropped_image = 0
+    for a, b in pairs:
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and torch.equal(a["drop_image"], b["drop_image"])
+        dropped_text += a["captions"].count("")
+        dropped_image += int(a["drop_image"].sum())
+        loss_a, _ = live(a)
+        loss_b, _ = cached(b)
+        loss_a.backward()
+        loss_b.backward()
+        assert torch.equal(loss_a, loss_b)
+        for p, q in zip(live_adapter.parameters(), cached_adapter.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert dropped_text and dropped_image  # the drops were exercised

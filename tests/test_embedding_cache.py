@@ -12,7 +12,7 @@ from data_tools import precompute
 from data_tools.embedding_cache import read_cache_manifest
 from data_tools.shards import read_manifest
 from instantstyle.models import load_base
-from tests.helpers import tiny_overrides
+from tests.helpers import assert_same_steps, tiny_overrides
 from train.builders import build_adapter
 from train.config import ConfigError, compose
 from train.checks import check_config
@@ -56,19 +56,7 @@ def test_cached_training_is_bitwise_live_training(tiny_model_dir, shards, cache)
     cached_base = load_base(tiny_model_dir, encoders=False)
     assert cached_base.vae.device.type == cached_base.text_encoder.device.type == "meta"  # never loaded
     cached, cached_adapter = task_on(cached_base)
-    dropped_text = dropped_image = 0
-    for a, b in zip(live_batches, cached_batches):
-        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and torch.equal(a["drop_image"], b["drop_image"])
-        dropped_text += a["captions"].count("")
-        dropped_image += int(a["drop_image"].sum())
-        loss_a, _ = live(a)
-        loss_b, _ = cached(b)
-        loss_a.backward()
-        loss_b.backward()
-        assert torch.equal(loss_a, loss_b)
-        for p, q in zip(live_adapter.parameters(), cached_adapter.parameters()):
-            assert torch.equal(p.grad, q.grad)
-    assert dropped_text and dropped_image  # the drops were exercised
+    assert_same_steps(live, cached, live_adapter, cached_adapter, zip(live_batches, cached_batches))
 
 
 def test_manifest_names_what_made_the_cache(cache, shards, tiny_model_dir):

@@ -10,7 +10,7 @@ import torch
 
 from data_tools.embedding_cache import read_cache_manifest
 from instantstyle.flux_models import MAX_SEQUENCE_LENGTH, load_flux_base
-from tests.helpers import tiny_overrides
+from tests.helpers import assert_same_steps, tiny_overrides
 from tests.test_embedding_cache import run_precompute
 from train.checks import check_config
 from train.config import ConfigError, compose
@@ -60,21 +60,8 @@ def test_flux_cached_training_is_bitwise_live_training(flux_dir, shards, flux_ca
     assert {m.device.type for m in cached_base.frozen_modules()[1:]} == {"meta"}  # VAE, CLIP, T5, image encoder
     cached, cached_adapter = task_on(cached_base)
     live_opt, cached_opt = (torch.optim.SGD(a.parameters(), lr=0.1) for a in (live_adapter, cached_adapter))
-    dropped_text = dropped_image = 0
-    for a, b in zip(take(data_cfg(shards)), take(data_cfg(str(flux_cache), cached=True))):
-        assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
-        assert torch.equal(a["drop_image"], b["drop_image"])
-        dropped_text += a["captions"].count("")
-        dropped_image += int(a["drop_image"].sum())
-        loss_a, _ = live(a)
-        loss_b, _ = cached(b)
-        loss_a.backward()
-        loss_b.backward()
-        assert torch.equal(loss_a, loss_b)
-        for p, q in zip(live_adapter.parameters(), cached_adapter.parameters()):
-            assert torch.equal(p.grad, q.grad)
-        live_opt.step(), cached_opt.step(), live_opt.zero_grad(), cached_opt.zero_grad()
-    assert dropped_text and dropped_image  # the drops were exercised
+    assert_same_steps(live, cached, live_adapter, cached_adapter,
+                      zip(take(data_cfg(shards)), take(data_cfg(str(flux_cache), cached=True))), (live_opt, cached_opt))
     for p, q in zip(live_adapter.parameters(), cached_adapter.parameters()):
         assert torch.equal(p, q)
 
