@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,15 +172,18 @@ def test_cluster_sweep_resumes_killed_points_and_never_retrains_finished_ones(ti
     args = [sys.executable, "-m", "train", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
             f"model.path={tiny_model_dir}", f"data.shards={tmp_path}/shards/*.tar", "data.resolution=64",
             "data.num_workers=0", "data.shuffle_buffer=8", "trainer.batch_size=1", "trainer.log_every=1",
-            "trainer.checkpoint_every=3", "trainer.max_steps=2,60", "optim.lr=1e-4,3e-4"]
+            "trainer.checkpoint_every=3", "trainer.checkpoints_to_keep=1",
+            "trainer.max_steps=2,100", "optim.lr=1e-4,3e-4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    # Jobs 0, 1 train 2 steps; jobs 2, 3 train 60 (the first override varies slowest). Kill once the short
-    # ones are done and a long one has a checkpoint: 57 steps of margin however fast the machine is.
+    # Jobs 0, 1 train 2 steps; jobs 2, 3 train 100 (the first override varies slowest). Kill once the short
+    # ones are done and a long one has a checkpoint. The four run at once: when the short ones have exported,
+    # the long ones are near step 20 and have already deleted checkpoint-00000003 (3 are kept), so any
+    # checkpoint counts.
     short, long_points = [sweep / "0", sweep / "1"], [sweep / "2", sweep / "3"]
     done = lambda p: (p / "summary.json").exists()  # noqa: E731
-    mid_run = lambda p: (p / "checkpoints" / "checkpoint-00000003").is_dir() and not done(p)  # noqa: E731
+    mid_run = lambda p: any((p / "checkpoints").glob("checkpoint-*")) and not done(p)  # noqa: E731
     deadline = time.monotonic() + 600
     while not (all(map(done, short)) and any(map(mid_run, long_points))):
         assert first.poll() is None, "the sweep ended before it could be killed"
@@ -201,8 +205,8 @@ def test_cluster_sweep_resumes_killed_points_and_never_retrains_finished_ones(ti
     for p in short:
         assert "already done" in (p / "train_rank0.log").read_text()
     for p in long_points:
-        assert json.loads((p / "summary.json").read_text())["step"] == 60
+        assert json.loads((p / "summary.json").read_text())["step"] == 100
     for p in killed:
         log = (p / "train_rank0.log").read_text()
-        assert "resum" in log.lower() and "checkpoint-0000000" in log, log[-2000:]
+        assert "resum" in log.lower() and re.search(r"checkpoint-\d{8}", log), log[-2000:]
     assert [r["status"] for r in collect(sweep)] == ["finished"] * 4
