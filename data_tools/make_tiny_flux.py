@@ -17,6 +17,10 @@ import json
 import string
 from pathlib import Path
 
+from instantstyle.quiet import quiet_libraries
+
+quiet_libraries()  # a command of its own: the filters go in before diffusers loads
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

@@ -15,6 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+from instantstyle.quiet import quiet_libraries
+
+quiet_libraries()  # a command of its own: the filters go in before diffusers loads
+
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import (

@@ -50,8 +50,9 @@ def test_a_quantizing_run_keeps_what_torchao_says_about_its_kernels():
     assert passed_through(quantizing=True) == [*RECORDS[:3], RECORDS[5], RECORDS[6]]
 
 
-@pytest.mark.parametrize("module", ["data_tools.precompute", "instantstyle.plan_memory"])
-def test_tools_that_load_a_base_are_quiet_with_every_test_extra_installed(module, tmp_path):
+@pytest.mark.parametrize("module", ["data_tools.precompute", "instantstyle.plan_memory", "data_tools.make_tiny_model",
+                                    "data_tools.make_tiny_flux"])
+def test_tools_that_load_or_build_a_base_are_quiet_with_every_test_extra_installed(module, tmp_path):
     """diffusers imports torchao when it is installed: its notices must not reach the user (it is in [test])."""
     pytest.importorskip("torchao")
     from data_tools.make_tiny_model import save_tiny_model
@@ -61,7 +62,9 @@ def test_tools_that_load_a_base_are_quiet_with_every_test_extra_installed(module
     make_shards(["--out", str(tmp_path / "shards"), "--num", "4", "--size", "32"])
     args = {"data_tools.precompute": ["--base", str(base), "--shards", str(tmp_path / "shards" / "*.tar"),
                                       "--out", str(tmp_path / "cache"), "--resolution", "32"],
-            "instantstyle.plan_memory": ["--base", str(base)]}[module]
+            "instantstyle.plan_memory": ["--base", str(base)],
+            "data_tools.make_tiny_model": ["--out", str(tmp_path / "made")],
+            "data_tools.make_tiny_flux": ["--out", str(tmp_path / "made")]}[module]
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
