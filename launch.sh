@@ -201,6 +201,9 @@ launch() {
     return 0
   fi
   check_gpus
+  # Every check a run makes before loading models, once here: a mistake is one line, not a failure per rank
+  # under the launcher's report (that report remains for errors only training can meet).
+  INSTANTSTYLE_ERROR_FILE="" python -m train.preflight "$@" || return 2
   local rc=0
   export INSTANTSTYLE_ERROR_FILE
   INSTANTSTYLE_ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/launch-error.XXXXXX")

@@ -14,7 +14,7 @@ from data_tools.embedding_cache import CACHE_FORMAT
 from data_tools.decode import decode_rgb, image_member, open_image
 from data_tools.shards import Manifest, Sample, write_manifest, write_shard
 from tests.test_data_loader import good_sample
-from train.__main__ import quote_shards
+from train.preflight import quote_shards
 from train.checks import check_data
 from train.config import ConfigError, DataConfig, compose, section
 from train.data import NoUsableData, build_train_loader, decode_sample

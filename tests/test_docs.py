@@ -120,7 +120,7 @@ def test_every_documented_training_command_composes():
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.__main__ import quote_shards  # what python -m train (and launch.sh through it) does to argv first
+    from train.preflight import quote_shards  # what python -m train (and launch.sh through it) does to argv first
     from train.config import CONFIG_DIR, ConfigError, check_known_keys, one_line
 
     commands = {tuple(o): doc for doc, o in documented("train") + documented("launch")}  # each distinct one once

@@ -104,7 +104,7 @@ def test_a_cached_run_picks_the_adapter_the_cache_was_made_for(tmp_path):
 
 
 def test_python_m_train_adds_the_caches_adapter_choice(tmp_path, capsys):
-    from train.__main__ import precheck
+    from train.preflight import precheck
 
     cache = fake_cache(tmp_path / "cache")  # made for ip_adapter_plus
     assert precheck(["data=cached", f"data.shards={cache}"]) == ["adapter=ip_adapter_plus"]

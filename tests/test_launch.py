@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,7 +200,7 @@ def test_launch_sh_nodes_agree_on_the_port(tmp_path):
     assert port_of(dry_run(["x=y"], MASTER_PORT="31000", **manual)) == 31000
 
 
-def test_launch_sh_cpu_runs_use_the_librarys_thread_choice_unless_told(tmp_path):
+def test_launch_sh_cpu_runs_use_the_librarys_thread_choice_unless_told(tmp_path, shards):
     from instantstyle.threads import default_threads
 
     chosen = dry_run(["x=y"], NUM_GPUS="0", NUM_CPU_PROCESSES="2").split("--num_cpu_threads_per_process ")[1]
@@ -211,10 +212,11 @@ def test_launch_sh_cpu_runs_use_the_librarys_thread_choice_unless_told(tmp_path)
     seen = tmp_path / "seen"
     path = fake_bin(tmp_path, accelerate=f'#!/bin/sh\necho "$OMP_NUM_THREADS $*" > {seen}\n')
     env = launch_env(NUM_GPUS="0", PATH=path, OMP_NUM_THREADS="1")
-    assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
+    valid = f"data.shards={shards}/*.tar"  # the preflight runs for real
+    assert subprocess.run(["bash", str(REPO / "launch.sh"), valid], env=env, timeout=120).returncode == 0
     assert seen.read_text().startswith("1 launch --quiet --cpu")
     env["NUM_CPU_THREADS"] = "3"
-    assert subprocess.run(["bash", str(REPO / "launch.sh"), "x=y"], env=env, timeout=60).returncode == 0
+    assert subprocess.run(["bash", str(REPO / "launch.sh"), valid], env=env, timeout=120).returncode == 0
     assert seen.read_text().startswith("3 launch --quiet --cpu")
 
 
@@ -223,17 +225,18 @@ def default_signal_dispositions() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def signal_launch(tmp_path: Path, fake_accelerate: str, sig: signal.Signals) -> tuple[int, str]:
+def signal_launch(tmp_path: Path, shards: str, fake_accelerate: str, sig: signal.Signals) -> tuple[int, str]:
     """Run launch.sh over a fake `accelerate`, signal launch.sh once the fake runs; (exit status, marker text)."""
     marker = tmp_path / "marker"
     env = launch_env(NUM_GPUS="0", MARKER=str(marker), PATH=fake_bin(tmp_path, accelerate=fake_accelerate))
     # As from a terminal: a runner started as a background job of a script ignores SIGINT, and a shell
     # started with a signal ignored can never trap it (POSIX), so the default disposition is restored here.
-    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), "x=y"], env=env, start_new_session=True,
+    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), f"data.shards={shards}/*.tar"], env=env,
+                            start_new_session=True,
                             preexec_fn=default_signal_dispositions)
     pid_file = Path(f"{marker}.pid")
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # after the preflight (a few seconds)
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)  # the fake has installed its traps before writing the pid
@@ -259,9 +262,9 @@ while :; do sleep 0.05; done
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_launch_sh_forwards_signals_to_training_and_returns_its_status(tmp_path, sig):
+def test_launch_sh_forwards_signals_to_training_and_returns_its_status(tmp_path, shards, sig):
     # 77 is the trainer's own exit status, not launch.sh's death by the signal.
-    assert signal_launch(tmp_path, FAKE_TRAINER, sig) == (77, sig.name[3:])
+    assert signal_launch(tmp_path, shards, FAKE_TRAINER, sig) == (77, sig.name[3:])
 
 
 # Like accelerate's one-process (--cpu) launcher: dies at once on TERM, while the trainer it started in the
@@ -274,9 +277,9 @@ wait
 '''
 
 
-def test_launch_sh_returns_only_after_the_trainer_has_checkpointed(tmp_path):
+def test_launch_sh_returns_only_after_the_trainer_has_checkpointed(tmp_path, shards):
     # The launcher's status (it died of the TERM), but only once the trainer has written its checkpoint.
-    assert signal_launch(tmp_path, FAKE_SIMPLE_LAUNCHER, signal.SIGTERM) == (128 + signal.SIGTERM, "saved")
+    assert signal_launch(tmp_path, shards, FAKE_SIMPLE_LAUNCHER, signal.SIGTERM) == (128 + signal.SIGTERM, "saved")
 
 
 @pytest.mark.parametrize("name", ["NUM_GPUS", "NUM_CPU_PROCESSES", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PORT",
@@ -314,14 +317,14 @@ def test_launch_sh_reads_leading_zeros_as_decimal():
     assert "--num_processes 8 " in dry_run(["x=y"], NUM_GPUS="08")  # not an octal error
 
 
-def test_launch_sh_dry_run_zero_runs_in_the_callers_folder(tmp_path):
+def test_launch_sh_dry_run_zero_runs_in_the_callers_folder(tmp_path, shards):
     seen = tmp_path / "seen"
     here = tmp_path / "here"
-    here.mkdir()
+    shutil.copytree(shards, here / "d")  # the preflight reads the shards where the caller is
     path = fake_bin(tmp_path, accelerate=f'#!/bin/sh\necho "$PWD $*" > {seen}\n')
     proc = subprocess.run(["bash", str(REPO / "launch.sh"), "data.shards=d/*.tar", "output_dir=runs/a"], cwd=here,
                           env=launch_env(LAUNCH_DRY_RUN="0", NUM_GPUS="0", NUM_CPU_THREADS="1", PATH=path),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # Ran (not printed), from the caller's folder, with the relative paths as typed.
     assert seen.read_text().startswith(f"{here} launch --quiet --cpu") and proc.stdout == ""
@@ -344,15 +347,45 @@ def test_launch_sh_asking_for_gpus_on_a_machine_without_says_so(tmp_path, env, a
     assert too_many.stderr.strip() == "error: NUM_GPUS=9, but this machine has 8 GPU(s); use NUM_GPUS=8 or fewer"
 
 
-def test_launch_sh_config_error_ends_in_the_one_error_line(tmp_path):
+def test_launch_sh_error_met_in_training_ends_in_the_one_error_line(tmp_path, shards):
     """Through the real accelerate launcher: no CalledProcessError traceback, the trainer's line last, exit 2."""
-    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "data.shards=nope/*.tar", "output_dir=run"],
+    (tmp_path / "broken.safetensors").write_text("not a safetensors file")  # the preflight sees only that it exists
+    proc = subprocess.run(["bash", str(REPO / "launch.sh"), f"data.shards={shards}/*.tar", "data.resolution=64",
+                           "adapter.init_from=broken.safetensors", "output_dir=run"],
                           cwd=tmp_path, env=launch_env(NUM_GPUS="0", NUM_CPU_THREADS="1", HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: data.shards='nope/*.tar' matched no shards — give a brace pattern, glob, list or URL")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: adapter.init_from=broken.safetensors: cannot read adapter file"), proc.stderr
+
+
+# A launcher that reports every rank's failure in a box, as torchrun does under `accelerate launch --quiet`.
+FAKE_FAILING_LAUNCHER = f"""#!/bin/sh
+touch "$MARKER"
+echo '{"=" * 60}' >&2; echo 'train FAILED' >&2; echo 'Root Cause (first observed failure):' >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("mistake, line", [
+    (["optim.lr=-1"], "error: optim.lr must be > 0 (got -1.0)"),
+    (["data.shards=nope/*.tar"], "error: data.shards='nope/*.tar' matched no shards — give a brace pattern, glob, "
+                                 "list or URL"),
+    (["output_dir=/proc/run"], "error: output_dir=/proc/run lies under /proc; choose a folder elsewhere"),
+    (["blocks.targets=[up_blocks.9.attentions.1]"], "error: unknown block 'up_blocks.9.attentions.1' — valid: "),
+])
+def test_launch_sh_checks_the_run_once_before_any_rank_starts(tmp_path, shards, mistake, line):
+    """A mistake the checks can see is one line, whatever the number of processes: the launcher never starts."""
+    marker = tmp_path / "launched"
+    path = fake_bin(tmp_path, accelerate=FAKE_FAILING_LAUNCHER)
+    args = [f"data.shards={shards}/*.tar", *mistake]
+    proc = subprocess.run(["bash", str(REPO / "launch.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=launch_env(NUM_GPUS="0", NUM_CPU_PROCESSES="2", NUM_CPU_THREADS="1", PATH=path,
+                                         MARKER=str(marker), HF_HUB_OFFLINE="1"), timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and not marker.exists(), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(line), proc.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing written for a refused run
 
 
 def test_sdxl_experiment_logs_offline_on_compute_nodes():

@@ -345,7 +345,7 @@ def test_a_nonfinite_checkpoint_or_export_is_refused(tmp_path):
 # --- the documented shard patterns -------------------------------------------------------------
 
 def test_brace_pattern_in_the_documented_shell_form_composes_and_expands():
-    from train.__main__ import quote_shards
+    from train.preflight import quote_shards
 
     docs = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     words = [w for line in docs.splitlines() if line.lstrip().startswith(("python -m train", "./launch.sh"))

@@ -248,8 +248,11 @@ def load_validation_encoders(v: ValidationConfig) -> dict:
         raise ConfigError(f"validation.csd/dino: {err}") from err
 
 
-def check_config(cfg: DictConfig) -> Settings:
-    """Check the whole config; returns the typed, read ``Settings`` or raises ``ConfigError``."""
+def check_config(cfg: DictConfig, load_metric_encoders: bool = True) -> Settings:
+    """Check the whole config; returns the typed, read ``Settings`` or raises ``ConfigError``.
+
+    ``load_metric_encoders=False`` (``train.preflight``) leaves validation's CSD/DINO encoders unloaded.
+    """
     for key in ("output_dir", "model", "adapter", "blocks", "data", "optim", "logger", "trainer"):
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"config has no {key!r}: compose configs/train.yaml (python -m train ...)")
@@ -264,7 +267,7 @@ def check_config(cfg: DictConfig) -> Settings:
                           "reads the image encoder's hidden states, which are not in the text space)")
     validation = section(cfg.get("validation"), "validation", ValidationConfig)
     prompts, refs = read_validation(validation, adapter.type)
-    encoders = load_validation_encoders(validation)
+    encoders = load_validation_encoders(validation) if load_metric_encoders else {}
     check_optimizer(optim)
     data, urls = check_data(cfg.data)
     resume = None if cfg.resume in (None, "none") else str(cfg.resume)  # one spelling of "fresh"
