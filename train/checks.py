@@ -207,11 +207,11 @@ def _check_image_encoder(model: ModelConfig, path: str, family: str, clip_image_
 
 def read_validation(v: ValidationConfig, adapter_type: str) -> tuple[tuple[str, ...], list]:
     """(prompts, style references) of an enabled validation; the styles fit the content scale."""
-    from instantstyle.evaluate import load_references, read_prompts
-    from instantstyle.pipeline import GenerationError
-
     if v.styles is None:
         return (), []
+    from instantstyle.evaluate import load_references, read_prompts  # the diffusers pipelines: only when needed
+    from instantstyle.pipeline import GenerationError
+
     try:
         refs = load_references(v.styles)
     except GenerationError as err:
