@@ -14,14 +14,14 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import CONFIG_DIR, ConfigError
-from train.preflight import precheck, quote_shards, report_error
+from train.preflight import last_value, precheck, quote_shards, report_error
 
 
 def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
     """``output_dir=RUN`` also moves Hydra's run dir there, so .hydra/ and train_rank0.log land in RUN."""
-    given = [a.partition("=")[2] for a in argv if a.startswith("output_dir=")]
-    if given and not any(a.startswith("hydra.run.dir=") for a in argv):
-        return [*argv, f"hydra.run.dir={given[-1]}"]
+    given = last_value(argv, "output_dir")
+    if given is not None and last_value(argv, "hydra.run.dir") is None:
+        return [*argv, f"hydra.run.dir={given}"]
     return argv
 
 

@@ -84,6 +84,7 @@ def preflight(argv: list[str]) -> None:
 
 
 def last_value(argv: list[str], key: str) -> str | None:
+    """The value of the last ``key=`` override (Hydra applies the last), or None."""
     values = [a.partition("=")[2] for a in argv if a.startswith(f"{key}=")]
     return values[-1] if values else None
 
