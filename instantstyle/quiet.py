@@ -1,7 +1,7 @@
 """Silence library notices that every run would print and that no user can act on.
 
-Each filter drops records with one message fragment from one named logger, so anything else these
-libraries say still shows. Entry points call `quiet_libraries` before torch, diffusers or
+Each filter drops records with one message fragment from one named logger (or one Python warning by
+its message), so anything else these libraries say still shows. Entry points call `quiet_libraries` before torch, diffusers or
 transformers load; the tests run a demo training with every optional extra installed and fail on
 any warning line.
 """
@@ -9,6 +9,7 @@ any warning line.
 from __future__ import annotations
 
 import logging
+import warnings
 
 # logger name → message fragments dropped there
 _ALWAYS = {
@@ -28,12 +29,17 @@ _TORCHAO_UNUSED = {
     "torchao.kernel.intmm": ("Detected no triton",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
 }
+# Python warnings, as (message regex, category). diffusers' load_config passes huggingface_hub an argument it
+# has deprecated, so loading a base by hub id warned on every run.
+_WARNINGS = (("The `local_dir_use_symlinks` argument is deprecated", UserWarning),)
 _installed: set[str] = set()
 
 
 def quiet_libraries(quantizing: bool = False) -> None:
     """Install the filters (once per logger); ``quantizing``: the run loads a torchao-quantized model."""
     notices = _ALWAYS if quantizing else {**_ALWAYS, **_TORCHAO_UNUSED}
+    for message, category in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name, fragments in notices.items():
         if name not in _installed:
             _installed.add(name)

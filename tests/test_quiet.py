@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,20 @@ def test_the_benchmarks_package_is_quiet_at_import():
     proc = subprocess.run([sys.executable, "-c", "import benchmarks.bench_gpu, benchmarks.bench_train"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+
+
+def test_loading_a_base_by_hub_id_does_not_warn_about_huggingface_hub_arguments(tmp_path):
+    """diffusers' load_config passes huggingface_hub a deprecated argument: every run from a hub id warned."""
+    script = ("from instantstyle.quiet import quiet_libraries\n"
+              "quiet_libraries()\n"
+              "import warnings\n"
+              "from diffusers import UNet2DConditionModel\n"
+              "try:\n"
+              "    UNet2DConditionModel.load_config('someone/not-downloaded', subfolder='unet')\n"
+              "except OSError:\n"
+              "    pass\n"
+              "warnings.warn('a warning nobody has silenced', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "local_dir_use_symlinks" not in proc.stderr and "a warning nobody has silenced" in proc.stderr
