@@ -77,3 +77,18 @@ def test_only_the_first_rank_says_what_the_cache_implies(tmp_path, rank, said):
 def test_help_says_what_it_checks(capsys):
     assert main(["--help"]) == 0
     assert "trains nothing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", [["model=sdxl"], ["model=flux", "blocks=all"]])
+def test_an_offline_machine_is_told_to_download_the_hub_base_first(shards, tmp_path, monkeypatch, model):
+    """Compute nodes often have no network: diffusers' own message ("no file named config.json") hides why."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    args = [f"data.shards={shards}/*.tar", *model, "model.path=someone/base", f"output_dir={tmp_path}/run"]
+    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE is set, .* run `hf download someone/base` where") as err:
+        preflight([*args, "model.image_encoder=/a/local/encoder"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"`hf download someone/base` and `hf download h94/IP-Adapter`"):
+        preflight([*args, "model.image_encoder=h94/IP-Adapter:sdxl_models/image_encoder"])

@@ -23,6 +23,20 @@ def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
     return found  # a folder, a hub id, or the tiny base to build there
 
 
+def unreadable_base(model_path: str, image_encoder: str | None, what: str, err: Exception) -> ConfigError:
+    """One line for a base that cannot be read; offline, it names the hub ids to download first."""
+    from huggingface_hub import constants
+
+    line = f"model.path={model_path}: cannot read the {what} ({(str(err).splitlines() or [type(err).__name__])[0]})"
+    encoder_repo = image_encoder.partition(":")[0] if image_encoder else None  # REPO:SUBFOLDER
+    hub_ids = [p for p in (model_path, encoder_repo) if p and not looks_local(p)]
+    if constants.HF_HUB_OFFLINE and hub_ids:  # e.g. a compute node: only the Hugging Face cache is read
+        downloads = " and ".join(f"`hf download {i}`" for i in dict.fromkeys(hub_ids))
+        line += (f"; HF_HUB_OFFLINE is set, so only the Hugging Face cache is read: run {downloads} where there is "
+                 "network, into the same HF_HOME, or give local folders")
+    return ConfigError(line)
+
+
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
                build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", encoders: bool = True, hub_id: str | None = None,

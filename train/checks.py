@@ -151,7 +151,7 @@ def check_model(model_cfg: ModelConfig | DictConfig, blocks: BlocksConfig | Dict
     from instantstyle.blocks import UnknownBlockError, select_layers
     from instantstyle.content import ContentSpaceMismatch
     from instantstyle.models import BaseModelError, model_family
-    from train.builders import resolve_model_path
+    from train.builders import resolve_model_path, unreadable_base
 
     model = section(model_cfg, "model", ModelConfig)
     given = Path(model.path).expanduser()
@@ -175,7 +175,7 @@ def check_model(model_cfg: ModelConfig | DictConfig, blocks: BlocksConfig | Dict
     except (UnknownBlockError, ContentSpaceMismatch, BaseModelError) as err:
         raise ConfigError(str(err)) from err
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path={model.path}: cannot read the base model ({str(err).splitlines()[0]})") from err
+        raise unreadable_base(model.path, model.image_encoder, "base model", err) from err
 
 
 def check_family_model(settings: Settings) -> tuple[str | None, list[str] | None]:

@@ -115,6 +115,7 @@ def check_flux_model(model: ModelConfig, blocks: BlocksConfig, num_tokens: int) 
     from transformers import CLIPVisionConfig
 
     from instantstyle.models import BaseModelError, resolve_image_encoder
+    from train.builders import unreadable_base
 
     names = flux_target_blocks(blocks)
     if model.build_if_missing and not Path(model.path, "transformer").is_dir():
@@ -126,7 +127,7 @@ def check_flux_model(model: ModelConfig, blocks: BlocksConfig, num_tokens: int) 
     except BaseModelError as err:
         raise ConfigError(str(err)) from err
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path={model.path}: cannot read the FLUX base ({str(err).splitlines()[0]})") from err
+        raise unreadable_base(model.path, model.image_encoder, "FLUX base", err) from err
     return "flux", [flux_block_name(i) for i in chosen_double_blocks(transformer, names, num_tokens)]
 
 
