@@ -25,6 +25,21 @@ def is_hub_id(ref: str) -> bool:
     return bool(ref) and not looks_local(ref)
 
 
+def offline_download_hint(*refs: str | None) -> str:
+    """For a model that could not be read: with HF_HUB_OFFLINE set, the ``hf download`` commands that fetch
+    the hub ids among ``refs`` (folders, hub ids, ``REPO:SUBFOLDER``); else "". Loaders then only read the
+    Hugging Face cache, and their own message ("no file named config.json") hides that nothing was fetched.
+    """
+    from huggingface_hub import constants
+
+    repos = dict.fromkeys(r.partition(":")[0] for r in refs if r and is_hub_id(r.partition(":")[0]))
+    if not (constants.HF_HUB_OFFLINE and repos):
+        return ""
+    downloads = " and ".join(f"`hf download {repo}`" for repo in repos)
+    return (f" — HF_HUB_OFFLINE is set, so only the Hugging Face cache is read: run {downloads} where there "
+            "is network, into the same HF_HOME, or give a local folder instead")
+
+
 def config_hash(folder: Path) -> str:
     """First 12 hex digits of the SHA-256 of the folder's config files (empty when it has none)."""
     digest, found = hashlib.sha256(), False

@@ -136,8 +136,11 @@ def _config_only(cls, path: str, subfolder: str | None, dtype: torch.dtype):
                 module = cls(cls.config_class.from_pretrained(path, **kwargs))
         return module if dtype == torch.float32 else module.to(dtype)
     except (OSError, ValueError) as err:
+        from .model_ids import offline_download_hint
+
         where = f"{path}/{subfolder}" if subfolder else path
-        raise BaseModelError(f"cannot read the {cls.__name__} config in {where}: {str(err).splitlines()[0]}") from err
+        raise BaseModelError(f"cannot read the {cls.__name__} config in {where}: {str(err).splitlines()[0]}"
+                             + offline_download_hint(path)) from err
 
 
 def load_base(path: str, *, image_encoder: str | None = None, dtype: torch.dtype = torch.float32,

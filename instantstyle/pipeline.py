@@ -32,7 +32,7 @@ from .adapter import AdapterSpec, InstantStyleAdapter
 from .blocks import ALL_BLOCKS, UnknownBlockError, block_of, cross_attention_layers, resolve_blocks, select_layers
 from .errors import AdapterFileError, GenerationError
 from .export import check_shapes, complete_layers, read_adapter_file, spec_from_file
-from .model_ids import is_hub_id, same_model
+from .model_ids import is_hub_id, offline_download_hint, same_model
 from .models import BaseModel, BaseModelError, model_family, resolve_image_encoder
 
 
@@ -214,7 +214,8 @@ def meta_unet(base: str) -> UNet2DConditionModel:
     try:
         config = UNet2DConditionModel.load_config(base, subfolder="unet")
     except (OSError, ValueError) as err:
-        raise BaseModelError(f"cannot read the UNet config of {base}: {str(err).splitlines()[0]}") from err
+        raise BaseModelError(f"cannot read the UNet config of {base}: {str(err).splitlines()[0]}"
+                             + offline_download_hint(base)) from err
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 

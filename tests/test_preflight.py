@@ -87,7 +87,9 @@ def test_an_offline_machine_is_told_to_download_the_hub_base_first(shards, tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     args = [f"data.shards={shards}/*.tar", *model, "model.path=someone/base", f"output_dir={tmp_path}/run"]
-    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE is set, .* run `hf download someone/base` where") as err:
+    with pytest.raises(ConfigError, match=r"^model.path=someone/base: cannot read .* — HF_HUB_OFFLINE is set, "
+                                          r"so only the Hugging Face cache is read: run `hf download someone/base` "
+                                          r"where there is network") as err:
         preflight([*args, "model.image_encoder=/a/local/encoder"])
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"`hf download someone/base` and `hf download h94/IP-Adapter`"):

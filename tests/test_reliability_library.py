@@ -255,3 +255,23 @@ def test_export_cli_dtype_choices_are_the_library_dtypes():
     from train.export import DTYPE_NAMES
 
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+
+
+def test_an_offline_machine_is_told_which_hub_models_to_download(tmp_path, monkeypatch):
+    """Offline, the loaders read only the Hugging Face cache; their message alone ("no file named config.json")
+    does not say so. Online, or for folders, nothing is added."""
+    import huggingface_hub.constants
+
+    from instantstyle.model_ids import offline_download_hint
+    from instantstyle.models import BaseModelError
+    from instantstyle.pipeline import meta_unet
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BaseModelError, match=r"someone/base: .* — HF_HUB_OFFLINE is set, .*`hf download someone/base`"):
+        meta_unet("someone/base")
+    assert offline_download_hint("someone/base", "h94/IP-Adapter:sdxl_models/image_encoder", "someone/base").count(
+        "hf download") == 2
+    assert offline_download_hint(str(tmp_path), None) == ""  # a folder: nothing to download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert offline_download_hint("someone/base") == ""

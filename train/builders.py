@@ -25,16 +25,11 @@ def resolve_model_path(path: str, *, must_exist: bool = True) -> str:
 
 def unreadable_base(model_path: str, image_encoder: str | None, what: str, err: Exception) -> ConfigError:
     """One line for a base that cannot be read; offline, it names the hub ids to download first."""
-    from huggingface_hub import constants
+    from instantstyle.model_ids import offline_download_hint
 
-    line = f"model.path={model_path}: cannot read the {what} ({(str(err).splitlines() or [type(err).__name__])[0]})"
-    encoder_repo = image_encoder.partition(":")[0] if image_encoder else None  # REPO:SUBFOLDER
-    hub_ids = [p for p in (model_path, encoder_repo) if p and not looks_local(p)]
-    if constants.HF_HUB_OFFLINE and hub_ids:  # e.g. a compute node: only the Hugging Face cache is read
-        downloads = " and ".join(f"`hf download {i}`" for i in dict.fromkeys(hub_ids))
-        line += (f"; HF_HUB_OFFLINE is set, so only the Hugging Face cache is read: run {downloads} where there is "
-                 "network, into the same HF_HOME, or give local folders")
-    return ConfigError(line)
+    reason = (str(err).splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"model.path={model_path}: cannot read the {what} ({reason})"
+                       + offline_download_hint(model_path, image_encoder))
 
 
 def build_base(path: str, *, image_encoder: str | None = None, check_content_space: bool = True,
