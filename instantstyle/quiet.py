@@ -1,9 +1,9 @@
 """Silence library notices that every run would print and that no user can act on.
 
 Each filter drops records with one message fragment from one named logger (or one Python warning by
-its message), so anything else these libraries say still shows. Entry points call `quiet_libraries` before torch, diffusers or
-transformers load; the tests run a demo training with every optional extra installed and fail on
-any warning line.
+its message), so anything else these libraries say still shows. Entry points call `quiet_libraries`
+before torch, diffusers or transformers load; the tests run a demo training with every optional extra
+installed and fail on any warning line.
 """
 
 from __future__ import annotations
