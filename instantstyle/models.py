@@ -110,8 +110,11 @@ def _load(cls, path: str, subfolder: str | None, dtype: torch.dtype | None):
         with _quiet_loading(path):
             return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
+        from .model_ids import offline_download_hint
+
         where = f"{path}/{subfolder}" if subfolder else path
-        raise BaseModelError(f"cannot load {cls.__name__} from {where}: {str(err).splitlines()[0]}") from err
+        raise BaseModelError(f"cannot load {cls.__name__} from {where}: {str(err).splitlines()[0]}"
+                             + offline_download_hint(path)) from err
 
 
 def resolve_image_encoder(path: str, image_encoder: str | None) -> tuple[str, str | None]:

@@ -263,13 +263,15 @@ def test_an_offline_machine_is_told_which_hub_models_to_download(tmp_path, monke
     import huggingface_hub.constants
 
     from instantstyle.model_ids import offline_download_hint
-    from instantstyle.models import BaseModelError
+    from instantstyle.models import BaseModelError, load_base
     from instantstyle.pipeline import meta_unet
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BaseModelError, match=r"someone/base: .* — HF_HUB_OFFLINE is set, .*`hf download someone/base`"):
-        meta_unet("someone/base")
+        meta_unet("someone/base")  # generate and evaluate read the base's blocks first
+    with pytest.raises(BaseModelError, match=r"someone/base/unet: .* — HF_HUB_OFFLINE is set, .*`hf download "):
+        load_base("someone/base")
     assert offline_download_hint("someone/base", "h94/IP-Adapter:sdxl_models/image_encoder", "someone/base").count(
         "hf download") == 2
     assert offline_download_hint(str(tmp_path), None) == ""  # a folder: nothing to download
